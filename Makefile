@@ -1,0 +1,17 @@
+# Two entry points; each does its own setup. See README.md.
+.PHONY: demo test lint bench
+
+demo:
+	@scripts/bootstrap.sh
+	@.venv/bin/knexa-lab run --preset embedded
+
+test:
+	@scripts/bootstrap.sh test
+	@.venv/bin/python -m pytest -q tests
+
+lint:
+	@.venv/bin/ruff check .
+
+bench:
+	@scripts/bootstrap.sh
+	@.venv/bin/python -m benchmarks

@@ -1,0 +1,114 @@
+"""The boundary between the node's network service and its learning stack.
+
+`service.py` only ever talks to a `ModelBackend`; `torch_backend.TorchBackend` is the real one
+(transformers + peft) and `tests/support/fake_backend.py` a fake, so the network layer can be
+tested without torch and the ML without a network. All methods block: the service runs them in a
+worker thread (`trio.to_thread.run_sync`) behind one capacity limiter per device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+__all__ = ["Answer", "EvalReport", "GuardrailReport", "ModelBackend", "TrainReport"]
+
+
+@dataclass(frozen=True, slots=True)
+class TrainReport:
+    """What one local epoch or one distillation pass did."""
+
+    steps: int
+    examples: int
+    mean_loss: float
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class EvalReport:
+    """A node's view of itself after a step; feeds the profile and the results table."""
+
+    val_loss: float
+    perplexity: float
+    pass_at_1: float
+    codebleu: float
+    n_problems: int
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """One teacher answer for one transfer-set prompt (task ids name public X_u problems)."""
+
+    task_id: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class GuardrailReport:
+    """Counts of what the guardrail kept and blocked, by reason (never the blocked text)."""
+
+    kept: int
+    blocked: int
+    reasons: dict[str, int] = field(default_factory=dict)
+
+
+class ModelBackend(Protocol):
+    """Everything a node does with its model and private data. Implementations block."""
+
+    #: One of protocol.FAMILIES: the backbone family for the profile's one-hot block.
+    family: str
+    #: Human-readable model name (alias, path or hub id) for logs and results.
+    model_name: str
+
+    def train_local_epoch(self, round_idx: int) -> TrainReport:
+        """One local LoRA epoch on the node's private shard (SPEC round step 1)."""
+        ...
+
+    def validation_loss(self) -> float:
+        """Mean completion-token cross-entropy on the node's private validation split."""
+        ...
+
+    def evaluate(self, round_idx: int) -> EvalReport:
+        """Validation loss/perplexity plus Pass@1 and CodeBLEU on the global test subset."""
+        ...
+
+    def category_histogram(self) -> np.ndarray:
+        """Normalised 12-bin histogram of the node's training shard over protocol.CATEGORIES."""
+        ...
+
+    def transfer_prompts(self) -> list[tuple[str, str]]:
+        """The public transfer set X_u as (task_id, prompt) pairs, identical on every node."""
+        ...
+
+    def generate_answers(self, prompts: Sequence[tuple[str, str]]) -> list[Answer]:
+        """Teacher side: batched generation, answers cleaned to code, not yet filtered."""
+        ...
+
+    def filter_outgoing(self, answers: Sequence[Answer]) -> tuple[list[Answer], GuardrailReport]:
+        """Guardrail: drop answers that leak secrets, PII or verbatim private training data."""
+        ...
+
+    def distill(self, answers: Sequence[Answer], round_idx: int, total_rounds: int) -> TrainReport:
+        """Student side: AKD (SPEC Eq. 2) on the teacher's re-tokenized text answers."""
+        ...
+
+    def adapter_fingerprint(self) -> str:
+        """Hash of the trainable (LoRA) weights: changes when training touched them."""
+        ...
+
+    def base_fingerprint(self) -> str:
+        """Hash of the frozen base weights: must never change."""
+        ...
+
+    def save_checkpoint(self, directory: Path) -> None:
+        """Persist the adapter (never the base) and optimizer state atomically."""
+        ...
+
+    def load_checkpoint(self, directory: Path) -> bool:
+        """Restore a checkpoint written by save_checkpoint; False when there is none."""
+        ...

