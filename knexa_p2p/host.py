@@ -1,0 +1,207 @@
+"""A py-libp2p host configured for KNEXA: Noise + Yamux only, and GossipSub for small meshes.
+
+Why explicit options: py-libp2p's default host also offers `/plaintext/2.0.0`, which lets a
+client claim any peer id without its key; Mplex deadlocked under concurrent streams; the default
+GossipSub heartbeat is 120 s and adaptive gossip stretched it to 30-60 s in small meshes; mesh
+degree bounds larger than the peer count collapsed the mesh in GRAFT/PRUNE storms.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import multiaddr
+import trio
+from libp2p import create_yamux_muxer_option, new_host
+from libp2p.abc import IHost, INetStream, ISubscriptionAPI
+from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.exceptions import BaseLibp2pError
+from libp2p.network.config import ConnectionConfig
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.pubsub.gossipsub import GossipSub
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.tools.anyio_service.context import background_trio_service
+
+from .identity import Identity
+from .streams import FramedStream, StreamBroken
+
+__all__ = ["DialError", "GossipSettings", "P2PHost", "open_host"]
+
+logger = logging.getLogger(__name__)
+GOSSIPSUB_PROTOCOLS = [TProtocol("/meshsub/1.1.0"), TProtocol("/meshsub/1.0.0")]
+
+
+class DialError(Exception):
+    """A peer could not be reached (bad address, nobody listening, handshake failed)."""
+
+
+@dataclass(frozen=True, slots=True)
+class GossipSettings:
+    """GossipSub knobs; `for_size` fits mesh degrees to the expected number of peers."""
+
+    degree: int = 3
+    degree_low: int = 2
+    degree_high: int = 4
+    heartbeat_interval: int = 1
+
+    @classmethod
+    def for_size(cls, n_peers: int, heartbeat_interval: int = 1) -> GossipSettings:
+        others = max(1, n_peers - 1)
+        degree = min(6, others)
+        return cls(
+            degree=degree,
+            degree_low=max(1, degree // 2),
+            degree_high=max(degree, min(12, others)),
+            heartbeat_interval=heartbeat_interval,
+        )
+
+
+class P2PHost:
+    """What a KNEXA daemon needs from libp2p, and nothing it should not touch."""
+
+    def __init__(self, host: IHost, identity: Identity, pubsub: Pubsub | None) -> None:
+        self._host = host
+        self.identity = identity
+        self._pubsub = pubsub
+
+    @property
+    def peer_id(self) -> bytes:
+        return self.identity.peer_bytes
+
+    def addrs(self) -> list[str]:
+        """Full listen multiaddrs including `/p2p/<peer-id>`."""
+        pid = self._host.get_id().to_string()
+        out = []
+        for a in self._host.get_addrs():
+            s = str(a)
+            out.append(s if "/p2p/" in s else f"{s}/p2p/{pid}")
+        return out
+
+    async def connect(self, maddr: str, *, timeout: float = 10.0) -> bytes:
+        """Dial a full multiaddr; returns the authenticated peer id."""
+        try:
+            info = info_from_p2p_addr(multiaddr.Multiaddr(maddr))
+        except Exception as exc:  # multiaddr raises a zoo of types for bad text
+            raise DialError(f"invalid multiaddr {maddr!r}: {exc}") from exc
+        with trio.move_on_after(timeout) as scope:
+            try:
+                await self._host.connect(info)
+            except (BaseLibp2pError, OSError) as exc:
+                raise DialError(f"cannot reach {maddr}: {type(exc).__name__}: {exc}") from exc
+        if scope.cancelled_caught:
+            raise DialError(f"cannot reach {maddr}: timed out after {timeout:.0f}s")
+        return info.peer_id.to_bytes()
+
+    def is_connected(self, peer: bytes) -> bool:
+        return bool(self._host.get_network().get_connections(ID(peer)))
+
+    def connected_peers(self) -> list[bytes]:
+        return [p.to_bytes() for p in self._host.get_connected_peers()]
+
+    def set_handler(self, protocol: str, handler: Callable[[FramedStream], Awaitable[None]]) -> None:
+        """Serve `protocol`; the handler gets a framed stream and must not raise.
+
+        A handler that raises anyway costs only that stream: we log and reset it.
+        """
+
+        async def _handle(stream: INetStream) -> None:
+            framed = FramedStream(stream)
+            try:
+                await handler(framed)
+            except (StreamBroken, BaseLibp2pError) as exc:
+                logger.info("stream %s from %s ended: %s", protocol, ID(framed.remote_peer), exc)
+                await framed.reset()
+            except Exception:
+                logger.exception("handler for %s failed", protocol)
+                await framed.reset()
+            else:
+                await framed.close()
+
+        self._host.set_stream_handler(TProtocol(protocol), _handle)
+
+    async def open_stream(self, peer: bytes, protocol: str, *, timeout: float = 10.0) -> FramedStream:
+        with trio.move_on_after(timeout):
+            try:
+                stream = await self._host.new_stream(ID(peer), [TProtocol(protocol)])
+            except (BaseLibp2pError, OSError) as exc:
+                raise StreamBroken(f"cannot open {protocol} to {ID(peer)}: {exc}") from exc
+            return FramedStream(stream)
+        raise StreamBroken(f"cannot open {protocol} to {ID(peer)}: timed out")
+
+    async def subscribe(self, topic: str) -> ISubscriptionAPI:
+        if self._pubsub is None:
+            raise RuntimeError("pubsub disabled on this host")
+        return await self._pubsub.subscribe(topic)
+
+    async def publish(self, topic: str, data: bytes) -> None:
+        if self._pubsub is None:
+            raise RuntimeError("pubsub disabled on this host")
+        await self._pubsub.publish(topic, data)
+
+    def topic_peers(self, topic: str) -> int:
+        if self._pubsub is None:
+            return 0
+        return len(self._pubsub.peer_topics.get(topic, ()))
+
+
+@asynccontextmanager
+async def open_host(
+    identity: Identity,
+    listen: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
+    *,
+    gossip: GossipSettings | None = None,
+) -> AsyncIterator[P2PHost]:
+    """Run a libp2p host until the context exits, then close it (shielded) so no task leaks."""
+    try:
+        listen_addrs = [multiaddr.Multiaddr(a) for a in listen]
+    except Exception as exc:
+        raise DialError(f"invalid listen multiaddr {list(listen)}: {exc}") from exc
+    noise = NoiseTransport(identity.key_pair, noise_privkey=create_x25519_key_pair().private_key)
+    host = new_host(
+        key_pair=identity.key_pair,
+        sec_opt={TProtocol(NOISE_PROTOCOL_ID): noise},
+        muxer_opt=create_yamux_muxer_option(),
+        listen_addrs=listen_addrs,
+        connection_config=ConnectionConfig(max_connections_per_peer=1),
+    )
+    pubsub: Pubsub | None = None
+    gossipsub: GossipSub | None = None
+    if gossip is not None:
+        gossipsub = GossipSub(
+            protocols=GOSSIPSUB_PROTOCOLS,
+            degree=gossip.degree,
+            degree_low=gossip.degree_low,
+            degree_high=gossip.degree_high,
+            heartbeat_initial_delay=0.1,
+            heartbeat_interval=gossip.heartbeat_interval,
+            adaptive_gossip_enabled=False,
+        )
+        pubsub = Pubsub(host, gossipsub, strict_signing=True)
+    try:
+        async with host.run(listen_addrs=listen_addrs):
+            if pubsub is None or gossipsub is None:
+                yield P2PHost(host, identity, None)
+            else:
+                async with background_trio_service(pubsub), background_trio_service(gossipsub):
+                    await pubsub.wait_until_ready()
+                    try:
+                        yield P2PHost(host, identity, pubsub)
+                    finally:
+                        seen = getattr(pubsub, "seen_messages", None)
+                        stop = getattr(seen, "stop", None)
+                        if callable(stop):
+                            stop()
+    finally:
+        with trio.move_on_after(3) as scope:
+            scope.shield = True
+            try:
+                await host.close()
+            except Exception:  # closing a half-dead host must not mask the real error
+                logger.debug("host close failed", exc_info=True)
