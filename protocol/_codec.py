@@ -94,7 +94,9 @@ def _build(cls: type[M], raw: Any, where: str) -> M:
         raise DecodeError(str(exc)) from exc
 
 
-def decode(data: bytes, expect: type[M] | None = None, *, max_size: int = MAX_FRAME) -> M:
+def decode(
+    data: bytes, expect: type[M] | tuple[type[Message], ...] | None = None, *, max_size: int = MAX_FRAME
+) -> M:
     """Decode bytes from a peer into a message, optionally of one expected type.
 
     Raises:
@@ -126,6 +128,7 @@ def decode(data: bytes, expect: type[M] | None = None, *, max_size: int = MAX_FR
     cls = MESSAGE_TYPES.get(wire["t"]) if isinstance(wire["t"], str) else None
     if cls is None:
         raise DecodeError(f"unknown message type {wire['t']!r}")
-    if expect is not None and cls is not expect:
-        raise DecodeError(f"expected {expect.TYPE}, got {cls.TYPE}")
+    allowed = expect if isinstance(expect, tuple) else (expect,) if expect is not None else None
+    if allowed is not None and cls not in allowed:
+        raise DecodeError(f"expected {'/'.join(t.TYPE for t in allowed)}, got {cls.TYPE}")
     return _build(cls, wire["f"], cls.TYPE)  # type: ignore[return-value]

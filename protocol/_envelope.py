@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import base58
 import msgpack
@@ -78,10 +78,10 @@ def sign(msg: Message, key: Ed25519PrivateKey) -> Signed:
 
 def open_signed(
     signed: Signed,
-    expect: type[M],
+    expect: type[M] | tuple[type[Message], ...],
     *,
     authenticated: bytes,
-    sender_of: Callable[[M], bytes] | None = None,
+    sender_of: Callable[[Any], bytes] | None = None,
     max_size: int = MAX_FRAME,
 ) -> M:
     """Verify a signed message and decode its body.

@@ -1,0 +1,44 @@
+"""CPM configuration: `[cpm]` table of a TOML file, overridable from the command line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["CpmConfig", "CpmSection"]
+
+
+@dataclass(frozen=True, slots=True)
+class CpmSection:
+    federation: str = "knexa"
+    listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
+    state_dir: Path = Path(".knexa/cpm")
+    #: base58 peer ids allowed to take part; empty = accept any peer (logged as a warning)
+    roster: tuple[str, ...] = ()
+    #: expected federation size (sizes the GossipSub mesh and the quorum when roster is empty)
+    expected_nodes: int = 4
+    #: a round closes when this fraction of the roster has sent a profile ...
+    quorum: float = 1.0
+    #: ... or this many seconds after the first profile of the round, if >= min_participants
+    round_timeout_s: float = 120.0
+    min_participants: int = 2
+    #: LinUCB and friends (knexa_cpm.policies)
+    policy: str = "linucb"
+    context: str = "interaction"
+    lam: float = 0.01
+    beta0: float = 1.0
+    seed: int = 42
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.quorum <= 1.0:
+            raise ValueError("quorum must be in (0, 1]")
+        if self.min_participants < 2:
+            raise ValueError("min_participants must be >= 2 (a pair needs two peers)")
+        if self.round_timeout_s <= 0:
+            raise ValueError("round_timeout_s must be > 0")
+
+
+@dataclass(frozen=True, slots=True)
+class CpmConfig:
+    cpm: CpmSection = field(default_factory=CpmSection)

@@ -1,0 +1,192 @@
+"""`knexa-cpm serve`: the thin trio/libp2p shell around the round machine and the policy.
+
+It receives signed profiles and rewards on CPM_PROTOCOL, closes rounds on quorum or timeout,
+and publishes signed directives on the federation's GossipSub topic. It never opens, stores or
+relays a knowledge package: it does not even speak KD_PROTOCOL.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import trio
+
+from knexa_p2p.host import GossipSettings, P2PHost, open_host
+from knexa_p2p.identity import load_or_create_identity
+from knexa_p2p.streams import FramedStream, StreamBroken
+from knexa_runtime.atomic import atomic_write_json
+from knexa_runtime.config import to_toml_dict
+from protocol import (
+    CPM_PROTOCOL,
+    DirectiveRequest,
+    MatchDirective,
+    Profile,
+    RemoteProtocolError,
+    Reply,
+    ReplyCode,
+    RewardReport,
+    Signed,
+    decode,
+    directive_topic,
+    encode,
+    open_signed,
+    peer_id_str,
+    sign,
+)
+
+from .config import CpmSection
+from .policies import make_policy
+from .rounds import RoundMachine, RoundSettings, short
+from .state import load_state, save_state
+
+__all__ = ["CpmService", "serve"]
+
+logger = logging.getLogger("knexa_cpm")
+REQUEST_CAP = 8 * 1024
+READ_TIMEOUT_S = 10.0
+
+
+def _peer_bytes(b58: str) -> bytes:
+    import base58
+
+    return base58.b58decode(b58)
+
+
+class CpmService:
+    def __init__(self, cfg: CpmSection) -> None:
+        self.cfg = cfg
+        self.state_dir = cfg.state_dir
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.identity = load_or_create_identity(self.state_dir / "identity.key")
+        roster = frozenset(_peer_bytes(p) for p in cfg.roster)
+        self.settings = RoundSettings(
+            federation=cfg.federation, cpm=self.identity.peer_bytes, roster=roster,
+            expected_nodes=len(roster) or cfg.expected_nodes, quorum=cfg.quorum,
+            round_timeout_s=cfg.round_timeout_s, min_participants=cfg.min_participants,
+        )
+        self.policy = make_policy(cfg.policy, context=cfg.context, lam=cfg.lam, beta0=cfg.beta0, seed=cfg.seed)
+        self.machine = RoundMachine(self.settings)
+        self.stats: dict[str, Any] = {"updates": 0, "rewards": [], "rejected": {}, "rounds_closed": 0}
+        saved = load_state(self.state_dir)
+        if saved is not None:
+            self.machine = RoundMachine.from_state(self.settings, saved["machine"])
+            self.policy.load_state_dict(saved["policy"])
+            self.stats = saved["stats"]
+            logger.info("resumed state %s updates=%d", self.machine.describe(), self.stats["updates"])
+        if not roster:
+            logger.warning("no roster configured: any peer that connects may take part")
+        self.topic = directive_topic(cfg.federation)
+        self._lock = trio.Lock()
+        self._host: P2PHost | None = None
+
+    # ---- persistence ------------------------------------------------------------------
+    def persist(self) -> None:
+        save_state(self.state_dir, {
+            "machine": self.machine.to_state(),
+            "policy": self.policy.state_dict(),
+            "stats": self.stats,
+        })
+
+    def _reject(self, reason: str) -> None:
+        self.stats["rejected"][reason] = self.stats["rejected"].get(reason, 0) + 1
+
+    # ---- request handling ---------------------------------------------------------------
+    async def handle_stream(self, stream: FramedStream) -> None:
+        peer = stream.remote_peer
+        try:
+            raw = await stream.receive(max_size=REQUEST_CAP, timeout=READ_TIMEOUT_S)
+            signed = decode(raw, Signed, max_size=REQUEST_CAP)
+            msg = open_signed(
+                signed, (Profile, RewardReport, DirectiveRequest), authenticated=peer,
+                sender_of=lambda m: m.student if isinstance(m, RewardReport) else m.node,
+            )
+        except RemoteProtocolError as exc:
+            self._reject(exc.code)
+            logger.warning("rejected request peer=%s reason=%s detail=%s", short(peer), exc.code, exc)
+            await self._reply(stream, Reply(False, exc.code if exc.code in ReplyCode.ALL else ReplyCode.DECODE,
+                                            str(exc)[:200], self.machine.round))
+            return
+        async with self._lock:
+            if isinstance(msg, Profile):
+                reply = self.machine.submit_profile(peer, msg, time.time())
+                logger.info("profile peer=%s round=%d ok=%s %s", short(peer), msg.round, reply.ok, self.machine.describe())
+                if reply.ok:
+                    self.persist()
+            elif isinstance(msg, RewardReport):
+                reply, entry = self.machine.submit_reward(peer, msg)
+                if entry is not None:
+                    self.policy.observe(np.asarray(entry.teacher_profile), np.asarray(entry.student_profile), msg.reward)
+                    self.stats["updates"] += 1
+                    self.stats["rewards"].append([msg.round, peer_id_str(msg.teacher), peer_id_str(msg.student), msg.reward])
+                    self.persist()
+                logger.info("reward peer=%s round=%d teacher=%s reward=%.4f ok=%s code=%s", short(peer), msg.round,
+                            short(msg.teacher), msg.reward, reply.ok, reply.code)
+            else:
+                directive = self.machine.directive_for(msg.round)
+                if directive is not None:
+                    await self._send(stream, encode(sign(directive, self.identity.signing_key)))
+                    return
+                reply = Reply(False, ReplyCode.NOT_READY, "directive not issued yet", self.machine.round)
+            if not reply.ok:
+                self._reject(reply.code)
+        await self._reply(stream, reply)
+
+    async def _reply(self, stream: FramedStream, reply: Reply) -> None:
+        await self._send(stream, encode(reply))
+
+    async def _send(self, stream: FramedStream, payload: bytes) -> None:
+        try:
+            await stream.send(payload)
+        except StreamBroken as exc:
+            logger.info("could not reply to %s: %s", short(stream.remote_peer), exc)
+
+    # ---- round loop ---------------------------------------------------------------------
+    async def round_loop(self, host: P2PHost) -> None:
+        new_id: Callable[[], bytes] = lambda: os.urandom(16)  # noqa: E731
+        while True:
+            await trio.sleep(0.25)
+            async with self._lock:
+                if not self.machine.ready_to_close(time.time()):
+                    continue
+                round_ = self.machine.round
+                directive = self.machine.close_round(
+                    time.time(), lambda P, r: self.policy.select(P, r), new_id
+                )
+                self.stats["rounds_closed"] += 1
+                self.persist()
+            pairs = ", ".join(f"{short(m.teacher)}->{short(m.student)}" for m in directive.pairs)
+            logger.info("round=%d closed participants=%d pairs=[%s]", round_, len(directive.participants), pairs)
+            await self._publish(host, directive)
+
+    async def _publish(self, host: P2PHost, directive: MatchDirective) -> None:
+        data = encode(sign(directive, self.identity.signing_key))
+        try:
+            await host.publish(self.topic, data)
+        except Exception as exc:  # pubsub is best effort: nodes also poll with DirectiveRequest
+            logger.warning("publish round=%d failed: %s", directive.round, exc)
+
+    async def drain(self, host: P2PHost) -> None:
+        sub = await host.subscribe(self.topic)
+        while True:
+            await sub.get()  # our own and stray messages; subscribing keeps us in the mesh
+
+
+async def serve(cfg: CpmSection, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Run the CPM until cancelled. Reports its multiaddrs via `task_status.started`."""
+    svc = CpmService(cfg)
+    atomic_write_json(cfg.state_dir / "effective-config.json", to_toml_dict(cfg))
+    gossip = GossipSettings.for_size(svc.settings.expected_nodes + 1)
+    async with open_host(svc.identity, cfg.listen, gossip=gossip) as host:
+        host.set_handler(CPM_PROTOCOL, svc.handle_stream)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(svc.drain, host)
+            nursery.start_soon(svc.round_loop, host)
+            addrs = host.addrs()
+            logger.info("cpm ready peer=%s federation=%s policy=%s quorum=%d",
+                        host.identity.peer_id, cfg.federation, cfg.policy, svc.settings.quorum_count)
+            task_status.started(addrs)

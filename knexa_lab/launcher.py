@@ -1,0 +1,215 @@
+"""`knexa-lab run`: a whole federation on loopback, as separate OS processes.
+
+Steps: split the data once (seeded), prepare the models (build tiny ones, convert the embedded
+GGUF once), create every identity up front (so each node gets the roster and bootstrap list),
+start `knexa-cpm serve`, then N `knexa-node start`, follow their round logs with a progress bar,
+print the per-round table and a summary, and stop everything. Children get PDEATHSIG, so even a
+SIGKILLed launcher leaves no daemon behind.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+import time
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+from tqdm import tqdm
+
+from .procs import Child, spawn
+from .results import collect, format_round_table, format_summary, write_results
+
+__all__ = ["LaunchError", "RunOptions", "load_preset", "run"]
+
+
+class LaunchError(Exception):
+    """The federation could not be started or did not finish."""
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    preset: str = "embedded"
+    nodes: int | None = None
+    rounds: int | None = None
+    model: str | None = None
+    out: Path | None = None
+    federation: str = "knexa-local"
+    timeout_s: float = 3600.0
+    cache_dir: Path | None = None
+    progress: bool = True
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    path = Path(name)
+    if path.suffix == ".toml" and path.exists():
+        return tomllib.loads(path.read_text())
+    try:
+        text = resources.files("knexa_lab.presets").joinpath(f"{name}.toml").read_text()
+    except FileNotFoundError as exc:
+        raise LaunchError(f"unknown preset {name!r} (built in: tiny, embedded; or a .toml path)") from exc
+    return tomllib.loads(text)
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _models_for(preset: dict[str, Any], opts: RunOptions) -> list[str]:
+    models = list(preset["run"]["models"])
+    n = opts.nodes or len(models)
+    if opts.model:
+        return [opts.model] * n
+    return [models[i % len(models)] for i in range(n)]
+
+
+def _prepare(out: Path, models: list[str], preset: dict[str, Any], cache: Path, say: Any) -> Path:
+    from knexa_node.data import load_problems, make_split, write_split
+    from knexa_node.models import prepare_model
+
+    run = preset["run"]
+    say(f"splitting HumanEval across {len(models)} nodes (Dirichlet alpha={run['dirichlet_alpha']}, seed={run['seed']})")
+    split = make_split(load_problems(), n_nodes=len(models), seed=run["seed"], test_size=run["test_size"],
+                       transfer_size=run["transfer_size"], alpha=run["dirichlet_alpha"])
+    data = out / "data"
+    write_split(split, data)
+    for name in sorted(set(models)):
+        say(f"preparing model {name}")
+        prepare_model(name, cache_dir=cache)
+    return data
+
+
+def run(opts: RunOptions) -> int:
+    from knexa_p2p.identity import load_or_create_identity
+
+    preset = load_preset(opts.preset)
+    models = _models_for(preset, opts)
+    if len(models) < 2:
+        raise LaunchError("a federation needs at least 2 nodes")
+    rounds = opts.rounds or int(preset["run"]["rounds"])
+    out = (opts.out or Path("results") / time.strftime("run-%Y%m%d-%H%M%S")).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    cache = (opts.cache_dir or Path.home() / ".cache" / "knexa").resolve()
+
+    def say(msg: str) -> None:
+        print(f"[knexa-lab] {msg}", flush=True)
+
+    say(f"results -> {out}")
+    data = _prepare(out, models, preset, cache, say)
+
+    ports = _free_ports(len(models) + 1)
+    cpm_dir = out / "cpm"
+    cpm_id = load_or_create_identity(cpm_dir / "identity.key")
+    node_dirs = [out / f"node-{i}" for i in range(len(models))]
+    node_ids = [load_or_create_identity(d / "identity.key") for d in node_dirs]
+    roster = [str(i.peer_id) for i in node_ids]
+    cpm_addr = f"/ip4/127.0.0.1/tcp/{ports[0]}/p2p/{cpm_id.peer_id}"
+    node_addrs = [f"/ip4/127.0.0.1/tcp/{p}/p2p/{i.peer_id}" for p, i in zip(ports[1:], node_ids, strict=True)]
+
+    cpm_cfg = {"cpm": {"federation": opts.federation, "listen": [f"/ip4/127.0.0.1/tcp/{ports[0]}"],
+                       "state_dir": str(cpm_dir), "roster": roster,
+                       "round_timeout_s": float(preset["run"].get("round_timeout_s", 120.0)),
+                       **preset.get("cpm", {})}}
+    (cpm_dir / "cpm.toml").write_text(tomli_w.dumps(cpm_cfg))
+    env = {"KNEXA_CACHE": str(cache), "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": str(preset.get("learning", {}).get("threads", 1))}
+    children: list[Child] = []
+    try:
+        cpm = spawn("cpm", [sys.executable, "-m", "knexa_cpm", "serve", "--config", str(cpm_dir / "cpm.toml")],
+                    cpm_dir / "cpm.log", env)
+        children.append(cpm)
+        cpm.wait_for_line("listening on", 60)
+        say(f"cpm listening on {cpm_addr}")
+        for i, (model, d) in enumerate(zip(models, node_dirs, strict=True)):
+            node_cfg = {
+                "node": {"federation": opts.federation, "model": model, "state_dir": str(d),
+                         "data_dir": str(data / f"node-{i}"), "public_dir": str(data / "public"),
+                         "listen": [f"/ip4/127.0.0.1/tcp/{ports[i + 1]}"], "cpm": cpm_addr,
+                         "bootstrap": [a for j, a in enumerate(node_addrs) if j != i],
+                         "roster": roster, "rounds": rounds, **preset.get("node", {})},
+                "learning": {**preset.get("learning", {}), "seed": int(preset["run"]["seed"]) + i,
+                             "total_rounds": rounds},
+            }
+            (d / "node.toml").write_text(tomli_w.dumps(node_cfg))
+            children.append(spawn(f"node-{i}", [sys.executable, "-m", "knexa_node", "start", "--config",
+                                                str(d / "node.toml")], d / "node.log", env))
+        for c, model in zip(children[1:], models, strict=True):
+            line = c.wait_for_line("listening on", 600)
+            say(f"{c.name} ({model}) {line.split('listening on', 1)[1].strip()}")
+        _follow(children, node_dirs, rounds, opts, say)
+    except KeyboardInterrupt:
+        say("interrupted: stopping all daemons")
+        return 130
+    finally:
+        for c in reversed(children):
+            c.stop()
+    named = [(f"node-{i}", d) for i, d in enumerate(node_dirs)]
+    rounds_log, finals = collect(named)
+    meta = {"preset": opts.preset, "models": models, "rounds": rounds, "federation": opts.federation,
+            "cpm": cpm_addr, "nodes": dict(zip([n for n, _ in named], roster, strict=True))}
+    write_results(out, rounds_log, finals, meta)
+    print()
+    print("Per-round matches (teacher -> student), reward (Eq. 3), student's validation loss, Pass@1 teacher/student")
+    print(format_round_table(rounds_log))
+    print()
+    print("Summary")
+    print(format_summary(rounds_log, finals))
+    cpm_state = _cpm_summary(cpm_dir)
+    if cpm_state:
+        print(f"\nCPM: {cpm_state}")
+    print(f"\nresults: {out}/results.json, {out}/rounds.csv; logs: {out}/*/*.log")
+    failed = [c.name for c in children[1:] if c.proc.returncode not in (0, None)]
+    if failed:
+        say(f"nodes that failed: {failed} (see their node.log)")
+        return 1
+    return 0
+
+
+def _cpm_summary(cpm_dir: Path) -> str:
+    from knexa_cpm.state import load_state
+
+    try:
+        state = load_state(cpm_dir)
+    except Exception as exc:  # the summary is informative only
+        return f"state unreadable ({exc})"
+    if not state:
+        return ""
+    s = state["stats"]
+    return f"rounds closed={s['rounds_closed']} bandit updates={s['updates']} rejected={s['rejected'] or 'none'}"
+
+
+def _follow(children: list[Child], node_dirs: list[Path], rounds: int, opts: RunOptions, say: Any) -> None:
+    total = rounds * len(node_dirs)
+    deadline = time.monotonic() + opts.timeout_s
+    with tqdm(total=total, desc="node-rounds", unit="round", disable=not opts.progress, file=sys.stdout) as bar:
+        done = 0
+        while True:
+            n = sum(len((d / "rounds.jsonl").read_text().splitlines()) if (d / "rounds.jsonl").exists() else 0
+                    for d in node_dirs)
+            if n > done:
+                bar.update(n - done)
+                done = n
+            nodes = children[1:]
+            if all(c.poll() is not None for c in nodes):
+                break
+            if children[0].poll() is not None:
+                raise LaunchError(f"the CPM exited with {children[0].proc.returncode}; see {children[0].log}")
+            if time.monotonic() > deadline:
+                raise LaunchError(f"federation did not finish within {opts.timeout_s:.0f}s")
+            time.sleep(0.5)
+    for c in children[1:]:
+        if c.proc.returncode != 0:
+            tail = "\n    ".join(c.log_text().splitlines()[-3:])
+            say(f"{c.name} exited with {c.proc.returncode}:\n    {tail}")

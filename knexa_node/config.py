@@ -1,0 +1,57 @@
+"""Node configuration: `[node]` and `[learning]` tables of a TOML file, overridable by flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["NodeConfig", "NodeSection"]
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSection:
+    federation: str = "knexa"
+    model: str = "smollm2-135m"
+    listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
+    state_dir: Path = Path(".knexa/node")
+    #: this node's private shard (train.jsonl, val.jsonl); only this folder is ever opened
+    data_dir: Path | None = None
+    #: public sets shared by the federation (test.jsonl, transfer.jsonl); default data_dir/../public
+    public_dir: Path | None = None
+    #: the CPM's full multiaddr, with /p2p/<peer-id> (its id is pinned for directive signatures)
+    cpm: str = ""
+    #: peers to dial at start-up and keep connected (full multiaddrs), dialled in the background
+    bootstrap: tuple[str, ...] = ()
+    #: base58 peer ids of the federation; empty = accept any peer (logged as a warning)
+    roster: tuple[str, ...] = ()
+    #: stop after this many rounds (0 = run until stopped)
+    rounds: int = 0
+    cpm_connect_timeout_s: float = 60.0
+    directive_timeout_s: float = 900.0
+    directive_poll_s: float = 5.0
+    package_timeout_s: float = 900.0
+    stream_timeout_s: float = 60.0
+    max_package_bytes: int = 8 * 1024 * 1024
+    #: Eq. 3: r = gamma * (L_pre - L_post) - delta * KB
+    reward_gamma: float = 1.0
+    reward_delta: float = 0.001
+    #: profile sanitization: rounding decimals and optional Laplace epsilon (0 = no noise)
+    profile_decimals: int = 2
+    profile_epsilon: float = 0.0
+    #: evaluate once more after the last round (for the final summary)
+    final_eval: bool = True
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if self.rounds < 0:
+            raise ValueError("rounds must be >= 0")
+        if self.max_package_bytes <= 0:
+            raise ValueError("max_package_bytes must be > 0")
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    node: NodeSection = field(default_factory=NodeSection)
+    #: knobs of the learning stack (knexa_node.torch_backend.LearningConfig), checked on load
+    learning: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,406 @@
+"""`knexa-node start`: the trio/libp2p shell that runs KNEXA-FL rounds around a ModelBackend.
+
+Each round (SPEC "One round t"): local epoch -> evaluate -> sanitized profile to the CPM ->
+wait for the signed directive (GossipSub, with a poll fallback) -> as teacher, generate, filter,
+seal and send the package on a direct stream; as student, receive, verify, decrypt, distil (Eq. 2),
+compute the reward (Eq. 3) and report it. Blocking ML runs in worker threads behind one limiter.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import trio
+
+from knexa_p2p.host import DialError, GossipSettings, P2PHost, open_host
+from knexa_p2p.identity import Identity
+from knexa_p2p.streams import FramedStream, StreamBroken
+from knexa_runtime.atomic import atomic_write_json
+from protocol import (
+    CPM_PROTOCOL,
+    FRAME_CAPS,
+    KD_PROTOCOL,
+    DirectiveBook,
+    DirectiveRequest,
+    Hello,
+    MatchDirective,
+    PackageBody,
+    PackageItem,
+    Profile,
+    RemoteProtocolError,
+    Reply,
+    ReplyCode,
+    RewardReport,
+    SealedPackage,
+    Signed,
+    UnauthorizedError,
+    decode,
+    directive_topic,
+    encode,
+    open_package,
+    open_signed,
+    peer_id_str,
+    seal_package,
+    sign,
+)
+
+from .backend import Answer, ModelBackend
+from .config import NodeSection
+from .errors import UnreachableError
+from .profile import PerfPoint, build_profile, sanitize_profile
+from .reward import compute_reward
+
+__all__ = ["NodeService", "run_node"]
+
+logger = logging.getLogger("knexa_node")
+STATE_FILE = "node-state.json"
+ROUNDS_FILE = "rounds.jsonl"
+
+
+def short(peer: bytes) -> str:
+    return peer_id_str(peer)[-8:]
+
+
+def _kem_public(identity_kem: Any) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return identity_kem.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def parse_peer(maddr: str) -> bytes:
+    """The peer id at the end of a full multiaddr (`.../p2p/<id>`)."""
+    import base58
+
+    head, sep, pid = maddr.rpartition("/p2p/")
+    if not sep or not head or not pid:
+        raise ValueError(f"multiaddr {maddr!r} must end with /p2p/<peer-id>")
+    try:
+        raw = base58.b58decode(pid)
+    except ValueError as exc:
+        raise ValueError(f"multiaddr {maddr!r}: bad peer id") from exc
+    if len(raw) != 38 or not raw.startswith(b"\x00\x24\x08\x01\x12\x20"):
+        raise ValueError(f"multiaddr {maddr!r}: peer id is not an Ed25519 id")
+    return raw
+
+
+class NodeService:
+    def __init__(self, cfg: NodeSection, backend: ModelBackend, identity: Identity, kem_key: Any) -> None:
+        import base58
+
+        self.cfg = cfg
+        self.backend = backend
+        self.identity = identity
+        self.me = identity.peer_bytes
+        self.kem_key = kem_key
+        self.cpm_peer = parse_peer(cfg.cpm)
+        self.roster = frozenset(base58.b58decode(p) for p in cfg.roster)
+        self.state_dir = cfg.state_dir
+        self.book = DirectiveBook()
+        self.directive_source: dict[int, str] = {}
+        self._directives: dict[int, MatchDirective] = {}
+        self._directive_events: dict[int, trio.Event] = {}
+        self._inbox: dict[bytes, tuple[PackageBody, int]] = {}
+        self._inbox_events: dict[bytes, trio.Event] = {}
+        self._ml = trio.CapacityLimiter(1)
+        self._rng = np.random.default_rng(int.from_bytes(self.me[-8:], "big"))
+        state = self._load_state()
+        self.round: int = state.get("round", 0)
+        self.completed: int = state.get("completed", 0)
+        self.history: list[PerfPoint] = [PerfPoint(**p) for p in state.get("history", [])]
+        self.counters: dict[str, int] = state.get("counters", {})
+        self.host: P2PHost | None = None
+
+    # ---- state ------------------------------------------------------------------------
+    def _load_state(self) -> dict[str, Any]:
+        path = self.state_dir / STATE_FILE
+        if path.exists():
+            return json.loads(path.read_text())
+        return {}
+
+    def _save_state(self) -> None:
+        atomic_write_json(self.state_dir / STATE_FILE, {
+            "round": self.round, "completed": self.completed,
+            "history": [asdict(p) for p in self.history], "counters": self.counters,
+        })
+
+    def _record(self, entry: dict[str, Any]) -> None:
+        with open(self.state_dir / ROUNDS_FILE, "a") as fh:
+            fh.write(json.dumps(entry, sort_keys=True) + "\n")
+            fh.flush()
+
+    def _count(self, key: str) -> None:
+        self.counters[key] = self.counters.get(key, 0) + 1
+
+    async def _ml_call(self, fn: Any, *args: Any) -> Any:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._ml)
+
+    # ---- directives ---------------------------------------------------------------------
+    def _accept_directive(self, signed: Signed, source: str) -> MatchDirective | None:
+        directive = open_signed(signed, MatchDirective, authenticated=self.cpm_peer, sender_of=lambda d: d.cpm)
+        if directive.federation != self.cfg.federation:
+            raise UnauthorizedError("directive for another federation")
+        if not self.book.add_directive(directive):
+            return None
+        self.directive_source[directive.round] = source
+        self._directives[directive.round] = directive
+        self._directive_events.setdefault(directive.round, trio.Event()).set()
+        logger.info("directive round=%d source=%s pairs=%d", directive.round, source, len(directive.pairs))
+        return directive
+
+    async def listen_directives(self, host: P2PHost) -> None:
+        sub = await host.subscribe(directive_topic(self.cfg.federation))
+        while True:
+            msg = await sub.get()
+            try:
+                signed = decode(msg.data, Signed, max_size=FRAME_CAPS["directive"])
+                self._accept_directive(signed, "pubsub")
+            except RemoteProtocolError as exc:
+                self._count(f"rejected_directive_{exc.code}")
+                logger.warning("ignored pubsub message from=%s reason=%s", peer_id_str(msg.from_id)[-8:], exc)
+
+    async def wait_directive(self, host: P2PHost, round_: int) -> MatchDirective | None:
+        event = self._directive_events.setdefault(round_, trio.Event())
+        with trio.move_on_after(self.cfg.directive_timeout_s):
+            while not event.is_set():
+                with trio.move_on_after(self.cfg.directive_poll_s):
+                    await event.wait()
+                if not event.is_set():
+                    await self._poll_directive(host, round_)
+        return self._directives.get(round_)
+
+    async def _poll_directive(self, host: P2PHost, round_: int) -> None:
+        try:
+            raw = await self._request(host, DirectiveRequest(self.cfg.federation, round_, self.me), cap=FRAME_CAPS["directive"])
+        except (StreamBroken, DialError) as exc:
+            logger.info("directive poll round=%d failed: %s", round_, exc)
+            return
+        try:
+            msg = decode(raw, (Signed, Reply), max_size=FRAME_CAPS["directive"])
+            if isinstance(msg, Signed):
+                self._accept_directive(msg, "poll")
+        except RemoteProtocolError as exc:
+            logger.warning("bad directive poll reply: %s", exc)
+
+    # ---- CPM requests -------------------------------------------------------------------
+    async def _request(self, host: P2PHost, msg: Any, *, cap: int) -> bytes:
+        stream = await host.open_stream(self.cpm_peer, CPM_PROTOCOL, timeout=self.cfg.stream_timeout_s)
+        try:
+            await stream.send(encode(sign(msg, self.identity.signing_key)))
+            return await stream.receive(max_size=cap, timeout=self.cfg.stream_timeout_s)
+        finally:
+            await stream.close()
+
+    async def submit(self, host: P2PHost, msg: Any) -> Reply:
+        """Send a profile or reward, retrying while the CPM is unreachable (it may be restarting)."""
+        delay = 1.0
+        while True:
+            try:
+                raw = await self._request(host, msg, cap=FRAME_CAPS["reply"])
+                return decode(raw, Reply, max_size=FRAME_CAPS["reply"])
+            except (StreamBroken, DialError, RemoteProtocolError) as exc:
+                logger.warning("submit %s failed (%s); retrying in %.0fs", msg.TYPE, exc, delay)
+                await trio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    # ---- KD stream: student side ----------------------------------------------------------
+    async def handle_kd(self, stream: FramedStream) -> None:
+        peer = stream.remote_peer
+        try:
+            if self.roster and peer not in self.roster:
+                raise UnauthorizedError("peer not on the roster")
+            hello = Hello(self.cfg.federation, self.me, _kem_public(self.kem_key), time.time())
+            await stream.send(encode(sign(hello, self.identity.signing_key)))
+            raw = await stream.receive(max_size=self.cfg.max_package_bytes, timeout=self.cfg.stream_timeout_s)
+            signed = decode(raw, Signed, max_size=self.cfg.max_package_bytes)
+            sealed = open_signed(signed, SealedPackage, authenticated=peer, sender_of=lambda m: m.sender,
+                                 max_size=self.cfg.max_package_bytes)
+            if sealed.recipient != self.me or sealed.federation != self.cfg.federation:
+                raise UnauthorizedError("package addressed to another node or federation")
+            event = self._directive_events.setdefault(sealed.round, trio.Event())
+            with trio.move_on_after(30):  # the package may overtake the directive by a moment
+                await event.wait()
+            self.book.lookup(sealed.directive_id, sealed.round)
+            body = open_package(sealed, self.kem_key, max_size=self.cfg.max_package_bytes)
+            self.book.consume(sealed.directive_id, sealed.round, teacher=peer, student=self.me)
+        except RemoteProtocolError as exc:
+            self._count(f"rejected_package_{exc.code}")
+            logger.warning("rejected package from=%s reason=%s detail=%s", short(peer), exc.code, exc)
+            code = exc.code if exc.code in ReplyCode.ALL else ReplyCode.DECODE
+            await stream.send(encode(Reply(False, code, str(exc)[:200], self.round)))
+            return
+        self._inbox[sealed.directive_id] = (body, len(raw))
+        self._inbox_events.setdefault(sealed.directive_id, trio.Event()).set()
+        logger.info("package received from=%s round=%d items=%d bytes=%d", short(peer), sealed.round,
+                    len(body.items), len(raw))
+        await stream.send(encode(Reply(True, ReplyCode.OK, "", self.round)))
+
+    # ---- KD stream: teacher side ----------------------------------------------------------
+    async def send_package(self, host: P2PHost, directive: MatchDirective, student: bytes,
+                           directive_id: bytes, answers: list[Answer], blocked: int) -> dict[str, Any]:
+        body = PackageBody(items=tuple(PackageItem(a.task_id, a.text) for a in answers), blocked=blocked)
+        stream = await host.open_stream(student, KD_PROTOCOL, timeout=self.cfg.stream_timeout_s)
+        try:
+            raw = await stream.receive(max_size=FRAME_CAPS["hello"], timeout=self.cfg.stream_timeout_s)
+            hello = open_signed(decode(raw, Signed, max_size=FRAME_CAPS["hello"]), Hello,
+                                authenticated=student, sender_of=lambda h: h.node)
+            if hello.federation != self.cfg.federation:
+                raise UnauthorizedError("student is in another federation")
+            sealed = seal_package(body, federation=self.cfg.federation, round=directive.round,
+                                  directive_id=directive_id, sender=self.me, recipient=student,
+                                  recipient_kem_public=hello.kem_public)
+            payload = encode(sign(sealed, self.identity.signing_key))
+            await stream.send(payload)
+            ack = decode(await stream.receive(max_size=FRAME_CAPS["reply"], timeout=self.cfg.stream_timeout_s), Reply)
+        finally:
+            await stream.close()
+        return {"package_bytes": len(payload), "ack": ack.code, "items": len(body.items)}
+
+    # ---- connectivity -------------------------------------------------------------------
+    async def keep_connected(self, host: P2PHost, addrs: list[str]) -> None:
+        """Dial the CPM and bootstrap peers in the background, reconnecting with backoff."""
+        backoff = {a: 0.5 for a in addrs}
+        while True:
+            for a in addrs:
+                try:
+                    peer = parse_peer(a)
+                    if not host.is_connected(peer):
+                        await host.connect(a, timeout=5.0)
+                        logger.info("connected peer=%s", short(peer))
+                    backoff[a] = 0.5
+                except (DialError, ValueError) as exc:
+                    backoff[a] = min(backoff[a] * 2, 30.0)
+                    logger.debug("dial %s failed: %s", a, exc)
+            await trio.sleep(min(backoff.values()) if backoff else 5.0)
+
+    async def wait_for_cpm(self, host: P2PHost) -> None:
+        with trio.move_on_after(self.cfg.cpm_connect_timeout_s):
+            while True:
+                try:
+                    await host.connect(self.cfg.cpm, timeout=5.0)
+                    return
+                except DialError as exc:
+                    last = exc
+                    await trio.sleep(1.0)
+        raise UnreachableError(f"cannot reach CPM at {self.cfg.cpm} within "
+                               f"{self.cfg.cpm_connect_timeout_s:.0f}s ({last})")
+
+    # ---- rounds -------------------------------------------------------------------------
+    async def run_round(self, host: P2PHost) -> None:
+        t0 = time.time()
+        train = await self._ml_call(self.backend.train_local_epoch, self.round)
+        ev = await self._ml_call(self.backend.evaluate, self.round)
+        self.history.append(PerfPoint(pass_at_1=ev.pass_at_1, codebleu=ev.codebleu, perplexity=ev.perplexity))
+        vector = build_profile(self.backend.family, self.history, self.backend.category_histogram())
+        eps = self.cfg.profile_epsilon or None
+        vector = sanitize_profile(vector, decimals=self.cfg.profile_decimals, epsilon=eps, rng=self._rng)
+        while True:
+            reply = await self.submit(host, Profile(self.cfg.federation, self.round, self.me, tuple(map(float, vector))))
+            if reply.ok:
+                break
+            if reply.code == ReplyCode.STALE_ROUND and reply.round != self.round:
+                logger.info("CPM has round %d open (we were at %d); catching up", reply.round, self.round)
+                self.round = reply.round
+                continue
+            raise UnauthorizedError(f"CPM refused our profile: {reply.code} {reply.detail}")
+        entry: dict[str, Any] = {
+            "round": self.round, "node": peer_id_str(self.me), "model": self.backend.model_name,
+            "family": self.backend.family, "train_loss": train.mean_loss, "val_loss": ev.val_loss,
+            "perplexity": ev.perplexity, "pass_at_1": ev.pass_at_1, "codebleu": ev.codebleu,
+            "role": "idle", "partner": None,
+        }
+        directive = await self.wait_directive(host, self.round)
+        if directive is None:
+            logger.warning("no directive for round=%d within %.0fs; skipping", self.round, self.cfg.directive_timeout_s)
+            entry["role"] = "no_directive"
+        else:
+            entry["directive_source"] = self.directive_source.get(self.round)
+            for m in directive.pairs:
+                if m.teacher == self.me:
+                    entry.update(await self._teach(host, directive, m.student, m.directive_id))
+                elif m.student == self.me:
+                    entry.update(await self._learn(host, directive, m.teacher, m.directive_id, ev.val_loss))
+        entry["seconds"] = round(time.time() - t0, 2)
+        await self._ml_call(self.backend.save_checkpoint, self.state_dir / "checkpoint")
+        self._record(entry)
+        self.round += 1
+        self.completed += 1
+        self._save_state()
+
+    async def _teach(self, host: P2PHost, directive: MatchDirective, student: bytes, did: bytes) -> dict[str, Any]:
+        prompts = self.backend.transfer_prompts()
+        answers = await self._ml_call(self.backend.generate_answers, prompts)
+        kept, report = await self._ml_call(self.backend.filter_outgoing, answers)
+        logger.info("teacher round=%d student=%s answers=%d blocked=%d reasons=%s", directive.round,
+                    short(student), len(kept), report.blocked, report.reasons)
+        out: dict[str, Any] = {"role": "teacher", "partner": peer_id_str(student),
+                               "guardrail": {"kept": report.kept, "blocked": report.blocked, "reasons": report.reasons}}
+        try:
+            out.update(await self.send_package(host, directive, student, did, kept, report.blocked))
+            self._count("packages_sent")
+        except (StreamBroken, RemoteProtocolError) as exc:
+            self._count("packages_failed")
+            logger.warning("package to %s failed: %s", short(student), exc)
+            out["error"] = str(exc)[:200]
+        return out
+
+    async def _learn(self, host: P2PHost, directive: MatchDirective, teacher: bytes, did: bytes,
+                     loss_pre: float) -> dict[str, Any]:
+        out: dict[str, Any] = {"role": "student", "partner": peer_id_str(teacher)}
+        event = self._inbox_events.setdefault(did, trio.Event())
+        with trio.move_on_after(self.cfg.package_timeout_s):
+            await event.wait()
+        if did not in self._inbox:
+            logger.warning("no package from teacher=%s round=%d; no reward reported", short(teacher), directive.round)
+            out["error"] = "package timeout"
+            return out
+        body, nbytes = self._inbox.pop(did)
+        answers = [Answer(i.task_id, i.text) for i in body.items]
+        atomic_write_json(self.state_dir / "received" / f"round-{directive.round:04d}.json",
+                          {"teacher": peer_id_str(teacher), "items": [[a.task_id, a.text] for a in answers]})
+        adapter_before = self.backend.adapter_fingerprint()
+        base_before = self.backend.base_fingerprint()
+        kd = await self._ml_call(self.backend.distill, answers, directive.round, max(self.cfg.rounds, 1))
+        loss_post = await self._ml_call(self.backend.validation_loss)
+        reward = compute_reward(loss_pre, loss_post, nbytes, gamma=self.cfg.reward_gamma, delta=self.cfg.reward_delta)
+        report = RewardReport(self.cfg.federation, directive.round, did, teacher, self.me, float(reward), nbytes)
+        reply = await self.submit(host, report)
+        logger.info("student round=%d teacher=%s loss %.4f -> %.4f reward=%.4f cpm=%s", directive.round,
+                    short(teacher), loss_pre, loss_post, reward, reply.code)
+        out.update({
+            "val_loss_pre": loss_pre, "val_loss_post": loss_post, "reward": reward, "package_bytes": nbytes,
+            "items": len(answers), "kd_loss": kd.mean_loss, "reward_ack": reply.code,
+            "adapter_before": adapter_before, "adapter_after": self.backend.adapter_fingerprint(),
+            "base_before": base_before, "base_after": self.backend.base_fingerprint(),
+        })
+        return out
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with open_host(self.identity, self.cfg.listen, gossip=GossipSettings.for_size(len(self.roster) + 1 if self.roster else 5)) as host:
+            self.host = host
+            host.set_handler(KD_PROTOCOL, self.handle_kd)
+            await self.wait_for_cpm(host)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.keep_connected, host, [self.cfg.cpm, *self.cfg.bootstrap])
+                nursery.start_soon(self.listen_directives, host)
+                task_status.started(host.addrs())
+                await self._ml_call(self.backend.load_checkpoint, self.state_dir / "checkpoint")
+                while self.cfg.rounds == 0 or self.completed < self.cfg.rounds:
+                    await self.run_round(host)
+                if self.cfg.final_eval:
+                    ev = await self._ml_call(self.backend.evaluate, self.round)
+                    atomic_write_json(self.state_dir / "final.json", {
+                        "node": peer_id_str(self.me), "model": self.backend.model_name, **asdict(ev)})
+                logger.info("completed %d rounds; exiting", self.completed)
+                nursery.cancel_scope.cancel()
+
+
+async def run_node(cfg: NodeSection, backend: ModelBackend, identity: Identity, kem_key: Any,
+                   *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    svc = NodeService(cfg, backend, identity, kem_key)
+    await svc.run(task_status=task_status)

@@ -1,0 +1,1 @@
+"""Test support: a fake model backend and helpers for daemons in subprocesses."""
