@@ -125,24 +125,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"knexa-node: {exc}", file=sys.stderr)
         return ExitCode.CONFIG
     setup_logging(cfg.node.log_level)
+    from knexa_p2p.identity import IdentityError
+    from knexa_runtime.exceptions import leaf_of
+
     from .models import ModelLoadError
 
+    known: dict[type[BaseException], ExitCode] = {
+        ModelLoadError: ExitCode.MODEL, ConfigError: ExitCode.CONFIG, IdentityError: ExitCode.CONFIG,
+        UnreachableError: ExitCode.NETWORK, OSError: ExitCode.NETWORK,
+    }
     try:
         trio.run(_run, cfg)
-    except ModelLoadError as exc:
-        print(f"knexa-node: {exc}", file=sys.stderr)
-        return ExitCode.MODEL
-    except ConfigError as exc:
-        print(f"knexa-node: {exc}", file=sys.stderr)
-        return ExitCode.CONFIG
-    except UnreachableError as exc:
-        print(f"knexa-node: {exc}", file=sys.stderr)
-        return ExitCode.NETWORK
-    except OSError as exc:
-        print(f"knexa-node: cannot start: {exc}", file=sys.stderr)
-        return ExitCode.NETWORK
     except KeyboardInterrupt:
         pass
+    except BaseException as exc:  # noqa: BLE001 - mapped to one line + exit code, else re-raised
+        leaf = leaf_of(exc, tuple(known))
+        if leaf is None:
+            raise
+        code = next(c for t, c in known.items() if isinstance(leaf, t))
+        print(f"knexa-node: {leaf}", file=sys.stderr)
+        return code
     return ExitCode.OK
 
 
