@@ -1,0 +1,36 @@
+"""Shipped example configs load against the dataclasses; bad configs fail with every problem listed."""
+
+from pathlib import Path
+
+import pytest
+
+from knexa_cpm.config import CpmConfig
+from knexa_node.config import NodeConfig
+from knexa_runtime.config import ConfigError, load_config, parse_overrides
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "config"
+
+
+def test_examples_load():
+    cpm = load_config(CpmConfig, DEPLOY / "cpm.example.toml")
+    assert cpm.cpm.policy == "linucb"
+    node = load_config(NodeConfig, DEPLOY / "node.example.toml")
+    assert node.node.model == "qwen-0.5b"
+
+
+def test_overrides_are_typed_and_take_precedence():
+    cfg = load_config(CpmConfig, DEPLOY / "cpm.example.toml", parse_overrides(["cpm.lam=0.5", "cpm.policy=random"]))
+    assert cfg.cpm.lam == 0.5 and cfg.cpm.policy == "random"
+
+
+def test_all_errors_reported_at_once(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[cpm]\nquorm = 1\nlam = "x"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(CpmConfig, bad)
+    assert "quorm: unknown setting" in str(info.value) and "lam: expected float" in str(info.value)
+    with pytest.raises(ConfigError, match="quorum must be"):
+        load_config(CpmConfig, None, {"cpm": {"quorum": 2.0}})
+    bad.write_text("[cpm\n")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(CpmConfig, bad)
