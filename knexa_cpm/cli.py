@@ -43,11 +43,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override any setting, e.g. --set cpm.lam=0.1")
     serve.add_argument("--print-config", action="store_true", help="print the effective config and exit")
 
-    sim = sub.add_parser("simulate", help="run the synthetic matchmaker study (paper Fig. 2)",
-                         description="Synthetic federation study comparing matchmaking policies.")
-    from . import simulate
-
-    simulate.configure_parser(sim)
     return parser
 
 
@@ -77,10 +72,6 @@ async def _run_serve(cfg: CpmConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "simulate":
-        from . import simulate
-
-        return simulate.run(args)
     try:
         cfg = _cpm_config(args)
     except ConfigError as exc:

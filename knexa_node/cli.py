@@ -98,11 +98,12 @@ async def _run(cfg: NodeConfig) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
 
-            async def node_then_stop() -> None:
-                await run_node(n, backend, identity, kem)
+            async def node_then_stop(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+                await run_node(n, backend, identity, kem, task_status=task_status)
                 nursery.cancel_scope.cancel()
 
-            nursery.start_soon(node_then_stop)
+            for addr in await nursery.start(node_then_stop):
+                print(f"knexa-node listening on {addr}", flush=True)
 
             async def watch_signals() -> None:
                 async for signum in signals:

