@@ -7,6 +7,7 @@ demo:
 
 test:
 	@scripts/bootstrap.sh test
+	@.venv/bin/ruff check .
 	@.venv/bin/python -m pytest -q tests
 
 lint:

@@ -10,26 +10,24 @@ The ratio is what matters: absolute rates depend on the machine and its load.
 Serial and parallel passes alternate and the speedup is the median of the per-pair ratios, so
 background load on a shared machine skews both sides alike (the load average is recorded too).
 
-Writes ``benchmarks/results/bench_passk.json``.
+Writes ``benchmarks/results/passk.json`` (via ``benchmarks._util.save``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from knexa_node.evaluation import execute_candidates, pass_at_k_report  # noqa: E402
-from knexa_node.sandbox import sandbox_backend  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks._util import save
+from knexa_node.evaluation import execute_candidates, pass_at_k_report
+from knexa_node.sandbox import sandbox_backend
 
 
 def _workload(n_problems: int, n_candidates: int) -> tuple[list[dict], list[list[str]]]:
@@ -62,15 +60,17 @@ def _summary(n: int, workers: int, times: list[float], pass1: float) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--problems", type=int, default=24)
-    parser.add_argument("--candidates", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--out", type=Path, default=RESULTS / "bench_passk.json")
-    args = parser.parse_args(argv)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--problems", type=int, default=24)
+    p.add_argument("--candidates", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    return p
 
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv or [])
     backend = sandbox_backend()
     problems, completions = _workload(args.problems, args.candidates)
     n = sum(map(len, completions))
@@ -85,25 +85,22 @@ def main(argv: list[str] | None = None) -> dict:
         serial_t.append(t_s)
         parallel_t.append(t_p)
         ratios.append(t_s / t_p)
-    report = {
-        "benchmark": "bench_passk",
+    result = {
         "backend": backend,
         "cpu_count": os.cpu_count(),
         "loadavg_before": [round(x, 2) for x in load_before],
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-        "python": platform.python_version(),
-        "machine": platform.machine(),
         "serial": _summary(n, 1, serial_t, pass1[1]),
         "parallel": _summary(n, workers, parallel_t, pass1[workers]),
         "speedup_median": round(statistics.median(ratios), 2),
         "speedup_per_repeat": [round(r, 2) for r in ratios],
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
-    return report
+    print(f"  backend {backend}: serial {result['serial']['candidates_per_s']} cand/s, "
+          f"{workers} workers {result['parallel']['candidates_per_s']} cand/s, "
+          f"ratio parallel/serial {result['speedup_median']:.2f}x (median of {args.repeats} pairs)")
+    print(f"saved {save('passk', result)}")
+    return result
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

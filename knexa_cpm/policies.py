@@ -57,6 +57,7 @@ class Policy(ABC):
 
     def observe(self, teacher_profile: np.ndarray, student_profile: np.ndarray, reward: float) -> None:
         """Non-learning policies ignore feedback."""
+        return None
 
     def state_dict(self) -> dict:
         return {"name": self.name, "rng": json.dumps(self.rng.bit_generator.state)}

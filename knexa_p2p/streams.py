@@ -7,6 +7,7 @@ moving (a single huge write stalled and was reset after ~5 s in py-libp2p 0.8).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import trio
@@ -74,15 +75,11 @@ class FramedStream:
     async def close(self) -> None:
         with trio.move_on_after(2) as scope:
             scope.shield = True
-            try:
+            with contextlib.suppress(BaseLibp2pError):
                 await self._stream.close()
-            except BaseLibp2pError:
-                pass
 
     async def reset(self) -> None:
         with trio.move_on_after(2) as scope:
             scope.shield = True
-            try:
+            with contextlib.suppress(BaseLibp2pError):
                 await self._stream.reset()
-            except BaseLibp2pError:
-                pass

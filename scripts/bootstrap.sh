@@ -5,6 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 extras=${1:-}
+# Pass@k runs generated code under bubblewrap when it is there (else rlimits + a loud warning).
+if ! command -v bwrap >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[bootstrap] installing bubblewrap for the code sandbox"
+    { apt-get install -y -q bubblewrap || { apt-get update -q && apt-get install -y -q bubblewrap; }; } >/dev/null 2>&1 \
+        || echo "[bootstrap] bubblewrap unavailable: the sandbox falls back to rlimits"
+fi
 if [ ! -x .venv/bin/python ]; then
     echo "[bootstrap] creating .venv"
     "$PY" -m venv .venv

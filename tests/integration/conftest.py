@@ -1,3 +1,4 @@
+import contextlib
 import os
 import signal
 from pathlib import Path
@@ -27,8 +28,6 @@ def reap(tmp_path):
     yield tmp_path
     left = processes_mentioning(str(tmp_path))
     for pid in left:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     assert not left, f"processes outlived the test: {left}"

