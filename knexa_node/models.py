@@ -292,7 +292,7 @@ def lora_targets(model_type: str) -> tuple[tuple[str, ...] | str, bool]:
 
 
 def load_model(spec: ModelSpec, *, lora: LoraSettings, device: str = "auto", threads: int = 0,
-               seed: int = 42) -> LoadedModel:
+               seed: int = 42, gradient_checkpointing: bool = False) -> LoadedModel:
     """Load the frozen base at ``spec.path`` and wrap it with a fresh, seeded LoRA adapter.
 
     Args:
@@ -301,6 +301,8 @@ def load_model(spec: ModelSpec, *, lora: LoraSettings, device: str = "auto", thr
         device: "auto", "cpu", "cuda" or "cuda:N".
         threads: torch intra-op threads (0 = leave torch's default).
         seed: seeds the adapter's initialisation (LoRA A is random, B zero).
+        gradient_checkpointing: recompute each layer's activations in the backward pass: about
+            a third more compute for a fraction of the activation memory (see LearningConfig).
 
     Raises:
         ModelLoadError: the checkpoint cannot be read.
@@ -329,6 +331,8 @@ def load_model(spec: ModelSpec, *, lora: LoraSettings, device: str = "auto", thr
     cfg = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                      target_modules=list(targets) if isinstance(targets, tuple) else targets,
                      fan_in_fan_out=fan_in_fan_out, bias="none", task_type="CAUSAL_LM")
+    if gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(seed)
     model = get_peft_model(base, cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import asdict
 from typing import Any
@@ -294,7 +295,12 @@ class NodeService:
         t0 = time.time()
         train = await self._ml_call(self.backend.train_local_epoch, self.round)
         ev = await self._ml_call(self.backend.evaluate, self.round)
-        self.history.append(PerfPoint(pass_at_1=ev.pass_at_1, codebleu=ev.codebleu, perplexity=ev.perplexity))
+        # a diverged model (NaN loss) is reported as "worst", never as NaN on the wire
+        self.history.append(PerfPoint(
+            pass_at_1=ev.pass_at_1 if math.isfinite(ev.pass_at_1) else 0.0,
+            codebleu=ev.codebleu if math.isfinite(ev.codebleu) else 0.0,
+            perplexity=ev.perplexity if math.isfinite(ev.perplexity) else float("inf"),
+        ))
         vector = build_profile(self.backend.family, self.history, self.backend.category_histogram())
         eps = self.cfg.profile_epsilon or None
         vector = sanitize_profile(vector, decimals=self.cfg.profile_decimals, epsilon=eps, rng=self._rng)
@@ -366,6 +372,11 @@ class NodeService:
         base_before = self.backend.base_fingerprint()
         kd = await self._ml_call(self.backend.distill, answers, directive.round, max(self.cfg.rounds, 1))
         loss_post = await self._ml_call(self.backend.validation_loss)
+        if not (math.isfinite(loss_pre) and math.isfinite(loss_post)):
+            logger.warning("non-finite validation loss (%s -> %s) round=%d; no reward reported",
+                           loss_pre, loss_post, directive.round)
+            out["error"] = "non-finite loss"
+            return out
         reward = compute_reward(loss_pre, loss_post, nbytes, gamma=self.cfg.reward_gamma, delta=self.cfg.reward_delta)
         report = RewardReport(self.cfg.federation, directive.round, did, teacher, self.me, float(reward), nbytes)
         reply = await self.submit(host, report)

@@ -85,6 +85,9 @@ class LearningConfig:
     #: tokens per training example (prompt + completion) and per generation prompt
     max_len: int = 512
     local_epochs: int = 1
+    #: recompute activations in backward: ~1/3 more compute, a fraction of the memory (CPU nodes
+    #: sharing a machine); the gradient is the same
+    gradient_checkpointing: bool = False
     # AKD (SPEC Eq. 2): a_KD linear from a_kd_start to a_kd_end over total_rounds
     a_kd_start: float = 0.2
     a_kd_end: float = 0.5
@@ -213,7 +216,8 @@ class TorchBackend:
         spec = resolve_model(model, cache_dir=Path(cache_dir) if cache_dir else default_cache_dir())
         targets = tuple(t.strip() for t in cfg.lora_targets.split(",") if t.strip())
         loaded = load_model(spec, lora=LoraSettings(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, targets),
-                            device=cfg.device, threads=cfg.threads, seed=cfg.seed)
+                            device=cfg.device, threads=cfg.threads, seed=cfg.seed,
+                            gradient_checkpointing=cfg.gradient_checkpointing)
         return cls(spec, loaded, data, cfg)
 
     # ---- training ---------------------------------------------------------------------------

@@ -169,7 +169,9 @@ async def open_host(
         sec_opt={TProtocol(NOISE_PROTOCOL_ID): noise},
         muxer_opt=create_yamux_muxer_option(),
         listen_addrs=listen_addrs,
-        connection_config=ConnectionConfig(max_connections_per_peer=1),
+        # one connection per peer (the default cost ~250 ms per connect); no auto-dial storm to
+        # reach 50 connections: daemons dial exactly the peers they need (keep_connected).
+        connection_config=ConnectionConfig(max_connections_per_peer=1, min_connections=0, low_watermark=0),
     )
     pubsub: Pubsub | None = None
     gossipsub: GossipSub | None = None

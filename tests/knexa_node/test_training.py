@@ -144,3 +144,15 @@ def test_kd_ignores_unknown_tasks_and_empty_answers(make_backend: Callable, capl
                              round_idx=0, total_rounds=3)
     assert report.steps == 0 and student.adapter_fingerprint() == adapter
     assert "ignored 2 of 2" in caplog.text
+
+
+def test_gradient_checkpointing_gives_the_same_gradient(model_cache: Path) -> None:
+    grads = []
+    for gc in (False, True):
+        loaded = load_model(resolve_model("tiny-llama", cache_dir=model_cache), lora=LoraSettings(dropout=0.0),
+                            threads=1, seed=0, gradient_checkpointing=gc)
+        loaded.model.train()
+        tr = _trainer(loaded, grad_clip=0.0)
+        tr._step([(1.0, tr.encode_pairs(PAIRS))], 0.0)
+        grads.append(torch.cat([tr.optimizer.state[p]["exp_avg"].flatten() for p in tr.params]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-7, rtol=1e-5)
