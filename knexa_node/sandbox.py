@@ -272,11 +272,24 @@ def _probe_bwrap() -> str | None:
     return f"probe sandbox {result.status}: {result.detail}"
 
 
+def _interpreter_binds() -> list[str]:
+    """Re-expose (read-only) an interpreter that lives under /tmp, which the private tmpfs hides.
+
+    A virtualenv in a checkout under /tmp (a CI clone, say) would otherwise vanish inside the
+    sandbox and every candidate would fail to start.
+    """
+    paths = {sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable))}
+    binds: list[str] = []
+    for path in sorted(p for p in paths if p == "/tmp" or p.startswith("/tmp/")):
+        binds += ["--ro-bind", path, path]
+    return binds
+
+
 def _bwrap_argv() -> list[str]:
     size = ["--size", str(_TMPFS_BYTES)] if _bwrap_has_size else []
     return [
         "bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
-        *size, "--tmpfs", "/tmp", "--chdir", "/tmp",
+        *size, "--tmpfs", "/tmp", *_interpreter_binds(), "--chdir", "/tmp",
         "--unshare-all", "--cap-drop", "ALL", "--die-with-parent", "--new-session",
         "--",
     ]  # fmt: skip
