@@ -78,7 +78,11 @@ class LearningConfig:
     adam_beta2: float = 0.98
     adam_eps: float = 1e-6
     weight_decay: float = 0.0
-    micro_batch: int = 8
+    #: examples per forward pass; 0 = auto: 8 on CUDA, 1 on CPU. Loss is normalised over the
+    #: whole effective batch, so any split gives the same optimizer step (SPEC batch 8 /
+    #: effective 32 is about the step); on CPU, micro-batch 1 avoids padding and was both faster
+    #: and 4.6x leaner than 8 for SmolLM2-135M (33 s vs 59 s, 2.5 vs 11.5 GB per 8-example step)
+    micro_batch: int = 0
     effective_batch: int = 32
     warmup_frac: float = 0.02
     grad_clip: float = 1.0
@@ -122,11 +126,11 @@ class LearningConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        positive = ("lora_rank", "lora_alpha", "micro_batch", "effective_batch", "max_len", "max_new_tokens",
+        positive = ("lora_rank", "lora_alpha", "effective_batch", "max_len", "max_new_tokens",
                     "gen_batch", "guardrail_ngram", "total_rounds", "sandbox_timeout_s")
         problems += [f"{k} must be > 0" for k in positive if getattr(self, k) <= 0]
-        nonneg = ("lr", "kd_lr", "weight_decay", "grad_clip", "local_epochs", "kd_epochs", "eval_problems",
-                  "transfer_size", "threads", "sandbox_workers", "temperature")
+        nonneg = ("micro_batch", "lr", "kd_lr", "weight_decay", "grad_clip", "local_epochs", "kd_epochs",
+                  "eval_problems", "transfer_size", "threads", "sandbox_workers", "temperature")
         problems += [f"{k} must be >= 0" for k in nonneg if getattr(self, k) < 0]
         unit = ("lora_dropout", "warmup_frac", "a_kd_start", "a_kd_end", "top_p", "guardrail_threshold")
         problems += [f"{k} must be in [0, 1]" for k in unit if not 0.0 <= getattr(self, k) <= 1.0]
@@ -173,13 +177,16 @@ class TorchBackend:
         self.family = family_of(loaded.model_type)
         self.data = data
         eff = cfg.effective_batch
+        # auto micro-batch: the largest divisor of eff up to 8 on CUDA, 1 on CPU (see the field)
+        micro = cfg.micro_batch or (next(m for m in range(min(8, eff), 0, -1) if eff % m == 0)
+                                    if loaded.device.type == "cuda" else 1)
         n_transfer = len(self.transfer_prompts())
         steps_per_round = (cfg.local_epochs * math.ceil(len(data.train) / eff)
                            + cfg.kd_epochs * math.ceil(max(n_transfer, 1) / eff))
         warmup = max(1, math.ceil(cfg.warmup_frac * cfg.total_rounds * steps_per_round))
         self.trainer = Trainer(self.model, self.tokenizer, TrainSettings(
             lr=cfg.lr, kd_lr=cfg.kd_lr, beta1=cfg.adam_beta1, beta2=cfg.adam_beta2, eps=cfg.adam_eps,
-            weight_decay=cfg.weight_decay, micro_batch=cfg.micro_batch, effective_batch=eff,
+            weight_decay=cfg.weight_decay, micro_batch=micro, effective_batch=eff,
             warmup_steps=warmup, grad_clip=cfg.grad_clip, max_len=cfg.max_len, progress=cfg.progress,
         ), seed=cfg.seed, model_type=loaded.model_type, device=loaded.device)
         self._chat = uses_chat(self.tokenizer, cfg.prompt_format)
@@ -189,8 +196,9 @@ class TorchBackend:
         self._guardrail: Any = None
         self._gen_calls = 0
         self._base_fp = self.base_fingerprint()
-        logger.info("backend ready: model=%s family=%s train=%d val=%d test=%d transfer=%d warmup=%d steps",
-                    spec.name, self.family, len(data.train), len(data.val), len(data.test), n_transfer, warmup)
+        logger.info("backend ready: model=%s family=%s train=%d val=%d test=%d transfer=%d micro_batch=%d "
+                    "effective_batch=%d warmup=%d steps", spec.name, self.family, len(data.train), len(data.val),
+                    len(data.test), n_transfer, micro, eff, warmup)
 
     @classmethod
     def create(cls, model: str, data_dir: Path, cfg: LearningConfig, *, cache_dir: Path | None = None,

@@ -20,7 +20,8 @@ def test_learning_config_defaults_follow_spec() -> None:
     cfg = LearningConfig()
     assert (cfg.lora_rank, cfg.lora_alpha, cfg.lr, cfg.kd_lr) == (8, 32, 3e-5, 5e-5)
     assert (cfg.adam_beta1, cfg.adam_beta2, cfg.adam_eps) == (0.9, 0.98, 1e-6)
-    assert (cfg.micro_batch, cfg.effective_batch, cfg.warmup_frac, cfg.grad_clip) == (8, 32, 0.02, 1.0)
+    assert (cfg.effective_batch, cfg.warmup_frac, cfg.grad_clip) == (32, 0.02, 1.0)
+    assert cfg.micro_batch == 0  # auto: 8 on CUDA, 1 on CPU; the optimizer step is the same
     assert (cfg.a_kd_start, cfg.a_kd_end, cfg.seed) == (0.2, 0.5, 42)
     for f in dataclasses.fields(cfg):  # plain TOML scalars only
         assert f.type in ("int", "float", "str", "bool"), f.name
@@ -28,7 +29,7 @@ def test_learning_config_defaults_follow_spec() -> None:
 
 def test_learning_config_validation() -> None:
     with pytest.raises(ValueError) as info:
-        LearningConfig(lr=-1.0, effective_batch=30, top_p=2.0, device="tpu")
+        LearningConfig(lr=-1.0, micro_batch=8, effective_batch=30, top_p=2.0, device="tpu")
     for part in ("lr must be >= 0", "multiple of micro_batch", "top_p must be in [0, 1]", "device must be"):
         assert part in str(info.value)
     with pytest.raises(ValueError, match="unknown learning settings"):
@@ -52,6 +53,11 @@ def test_create_and_evaluate(make_backend: Callable) -> None:
     assert 0.0 <= report.pass_at_1 <= 1.0 and 0.0 <= report.codebleu <= 1.0
     hist = node.category_histogram()
     assert hist.shape == (12,) and np.isclose(hist.sum(), 1.0)
+
+
+def test_auto_micro_batch_on_cpu(make_backend: Callable) -> None:
+    assert make_backend("tiny-gpt2", micro_batch=0).trainer.settings.micro_batch == 1
+    assert make_backend("tiny-gpt2", micro_batch=4).trainer.settings.micro_batch == 4
 
 
 def test_families_map_to_protocol(make_backend: Callable) -> None:
