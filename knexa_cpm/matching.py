@@ -12,10 +12,9 @@ on the submatrix of still-free agents until done. Each batch holds every entry >
 score, and after a batch every entry of it touches a used agent, so the result is exactly that
 of one full sort (`greedy_disjoint_naive`).
 
-Ties: before anything else every finite score gets seeded jitter u * 1e-12 * (1 + |s|), u ~ U[0, 1),
-so exact ties (common: untrained LinUCB scores (i, j) and (j, i) alike) fall to a uniformly random
-order, nobody gets a systematic edge, and a run is reproducible from the generator's state.
-Scores closer than that relative 1e-12 may swap, which is far below any meaningful difference.
+Ties: exact ties (common: untrained LinUCB scores (i, j) and (j, i) alike) are ordered by seeded
+uniform random keys, so nobody gets a systematic edge and a run is reproducible from the
+generator's state; distinct scores are never perturbed.
 """
 
 from __future__ import annotations
@@ -48,10 +47,7 @@ def admissible_mask(n: int, admissible: np.ndarray | None = None) -> np.ndarray:
     return mask
 
 
-_JITTER = 1e-12
-
-
-def _prepare(scores: np.ndarray, rng: np.random.Generator, copy: bool = True) -> np.ndarray:
+def _prepare(scores: np.ndarray, copy: bool = True) -> np.ndarray:
     s = np.array(scores, dtype=np.float64, copy=copy)
     if s.ndim != 2 or s.shape[0] != s.shape[1]:
         raise ValueError(f"scores must be a square matrix, got shape {s.shape}")
@@ -59,12 +55,16 @@ def _prepare(scores: np.ndarray, rng: np.random.Generator, copy: bool = True) ->
     if nan.any():
         s[nan] = -np.inf  # NaN never wins
     np.fill_diagonal(s, -np.inf)  # no self pairs, whatever the caller passed
-    jitter = rng.random(s.shape)
-    jitter *= _JITTER
-    with np.errstate(invalid="ignore"):  # -inf * 0 stays -inf below
-        jitter *= 1.0 + np.abs(s)
-        s += np.where(np.isfinite(jitter), jitter, 0.0)
     return s
+
+
+def _descending(values: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Indices sorting `values` descending; exact ties in random order (keys drawn only then)."""
+    order = np.argsort(-values, kind="stable")
+    v = values[order]
+    if values.size > 1 and (v[1:] == v[:-1]).any():
+        order = np.lexsort((rng.random(values.size), -values))
+    return order
 
 
 def _scan(teachers: np.ndarray, students: np.ndarray, used: np.ndarray, k_left: int,
@@ -87,6 +87,7 @@ def _scan(teachers: np.ndarray, students: np.ndarray, used: np.ndarray, k_left: 
     return picks
 
 
+_STATS=[]
 def greedy_disjoint(scores: np.ndarray, k_max: int | None, rng: np.random.Generator,
                     *, batch: int | None = None, copy: bool = True) -> list[tuple[int, int]]:
     """Disjoint (teacher, student) pairs by descending score, at most `default_k(N, k_max)`.
@@ -95,7 +96,7 @@ def greedy_disjoint(scores: np.ndarray, k_max: int | None, rng: np.random.Genera
         scores: (N, N), scores[i, j] for teacher i -> student j; -inf (or NaN) = not admissible.
             The diagonal is ignored.
         k_max: most pairs to return (None = floor(N/2)).
-        rng: source of the tie-breaking jitter (advanced by N^2 draws).
+        rng: source of the tie-breaking keys (drawn only when a batch holds exact ties).
         batch: candidates per partition step (default max(8 * free agents, 1024)); it doubles
             while batches yield under 1/8 of the pairs still wanted. Only speed depends on it.
         copy: False lets the function overwrite `scores` (the policies pass fresh arrays).
@@ -103,7 +104,7 @@ def greedy_disjoint(scores: np.ndarray, k_max: int | None, rng: np.random.Genera
     Returns:
         pairs in the order they were picked (descending score).
     """
-    s = _prepare(scores, rng, copy)
+    s = _prepare(scores, copy)
     n = s.shape[0]
     k = default_k(n, k_max)
     used = np.zeros(n, dtype=bool)
@@ -124,10 +125,11 @@ def greedy_disjoint(scores: np.ndarray, k_max: int | None, rng: np.random.Genera
         cand = cand[flat[cand] > -np.inf]
         if cand.size == 0:
             break
-        order = cand[np.argsort(-flat[cand], kind="stable")]
+        order = cand[_descending(flat[cand], rng)]
         wanted = k - len(pairs)
         got = _scan(free[order // m], free[order % m], used, wanted)
         pairs += got
+        _STATS.append((m, want, cand.size, len(got)))
         if len(got) < wanted / 8:
             grow *= 2
         free = np.flatnonzero(~used)
@@ -137,13 +139,14 @@ def greedy_disjoint(scores: np.ndarray, k_max: int | None, rng: np.random.Genera
 def greedy_disjoint_naive(scores: np.ndarray, k_max: int | None,
                           rng: np.random.Generator) -> list[tuple[int, int]]:
     """Reference: one full sort of all admissible pairs, then a Python loop. Given a generator
-    in the same state it returns exactly what `greedy_disjoint` returns (same jitter)."""
-    s = _prepare(scores, rng)
+    in the same state it returns what `greedy_disjoint` returns, exactly so when no two scores
+    tie (ties are broken by random keys in both, but drawn over different candidate sets)."""
+    s = _prepare(scores)
     n = s.shape[0]
     k = default_k(n, k_max)
     flat = s.ravel()
     cand = np.flatnonzero(flat > -np.inf)
-    order = cand[np.argsort(-flat[cand], kind="stable")]
+    order = cand[_descending(flat[cand], rng)]
     used = np.zeros(n, dtype=bool)
     pairs: list[tuple[int, int]] = []
     for idx in order.tolist():

@@ -117,6 +117,23 @@ async def test_replayed_and_misaddressed_packages_are_rejected(tmp_path):
                 await s.send(P.encode(P.sign(sealed, identity.signing_key)))
                 return P.decode(await s.receive(max_size=4096, timeout=40), P.Reply)
 
+        # a directive signed by a non-CPM key and *published on the topic* is ignored
+        from knexa_p2p.host import GossipSettings
+
+        async with open_host(Identity.from_seed(os.urandom(32)), gossip=GossipSettings.for_size(3)) as evil:
+            await evil.connect(student_addrs[0])
+            await evil.subscribe(P.directive_topic("t"))
+            await trio.sleep(2.0)
+            fake = P.MatchDirective("t", 7, cpm_id.peer_bytes, 1.0, (), ())
+            for _ in range(3):
+                await evil.publish(P.directive_topic("t"), P.encode(P.sign(fake, evil.identity.signing_key)))
+                await trio.sleep(0.5)
+            with trio.move_on_after(10):
+                while not student.counters.get("rejected_directive_signature"):
+                    await trio.sleep(0.2)
+        assert student.counters.get("rejected_directive_signature")
+        assert 7 not in student.book.rounds_seen
+
         assert (await send(teacher_id, did, 0)).ok
         replay = await send(teacher_id, did, 0)
         assert not replay.ok and replay.code == P.ReplyCode.REPLAY
