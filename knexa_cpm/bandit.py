@@ -12,9 +12,12 @@ k rewards at once with the Woodbury identity (one k x k solve), for simulations 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
+
+from .features import _one_blas_thread
 
 __all__ = ["LinUCB", "array_from_state", "array_state"]
 
@@ -94,12 +97,18 @@ class LinUCB:
             ValueError: wrong shape or non-finite values (nothing is changed).
         """
         x = np.asarray(x, dtype=np.float64).reshape(-1)
-        r = np.asarray([reward], dtype=np.float64)
-        self._check(x[None, :], r)
-        self.A += np.outer(x, x)
-        self.b += r[0] * x
+        r = float(reward)
+        if x.shape[0] != self.dim:
+            raise ValueError(f"context must have {self.dim} entries, got {x.shape[0]}")
+        if not (math.isfinite(r) and math.isfinite(float(x @ x))):
+            raise ValueError("context and reward must be finite")
+        xx = np.outer(x, x)
+        self.A += xx
+        self.b += r * x
         ax = self.A_inv @ x
-        self.A_inv -= np.outer(ax, ax) / (1.0 + x @ ax)
+        np.outer(ax, ax, out=xx)
+        xx /= 1.0 + x @ ax
+        self.A_inv -= xx
         self._count(1)
 
     def update_batch(self, X: np.ndarray, rewards: np.ndarray) -> None:
@@ -117,17 +126,18 @@ class LinUCB:
         k = X.shape[0]
         if k == 0:
             return
-        self.A += X.T @ X
-        self.b += X.T @ r
-        if k >= self.dim:
-            self.A_inv = _sym_inv(self.A)
-            self._since_inv = 0
-            self.n_updates += k
-            return
-        ax = X @ self.A_inv  # (k, d); rows are (A^-1 x)' since A^-1 is symmetric
-        inner = np.eye(k) + ax @ X.T
-        self.A_inv -= ax.T @ np.linalg.solve(inner, ax)
-        self.A_inv = 0.5 * (self.A_inv + self.A_inv.T)
+        with _one_blas_thread():  # small products: threads only add spin-waits (features.py)
+            self.A += X.T @ X
+            self.b += X.T @ r
+            if k >= self.dim:
+                self.A_inv = _sym_inv(self.A)
+                self._since_inv = 0
+                self.n_updates += k
+                return
+            ax = X @ self.A_inv  # (k, d); rows are (A^-1 x)' since A^-1 is symmetric
+            inner = np.eye(k) + ax @ X.T
+            self.A_inv -= ax.T @ np.linalg.solve(inner, ax)
+            self.A_inv = 0.5 * (self.A_inv + self.A_inv.T)
         self._count(k)
 
     def _count(self, k: int) -> None:

@@ -17,15 +17,23 @@ Scoring every ordered pair (SPEC Alg. 1 step 2) never materialises the N^2 x d c
 
 - concat: with M = A^-1 split into 32 x 32 blocks, x'Mx = p_i'M11 p_i + p_j'M22 p_j + 2 p_i'M12 p_j,
   i.e. two per-node terms and one N x N matrix product, so scores cost O(N^2 + N d^2).
-- interaction: x = [s, w] with s = [p_i, p_j] handled as above, and the 50 non-separable dims w
-  built one block of teacher rows at a time: x'Mx = s'Mss s + 2 (g_i + h_j).w + w'Mww w with
-  g = P Msw[:32], h = P Msw[32:]. Memory is bounded by `2 * block_pairs * 32` floats; the cost is
-  O(N^2 d_w^2), which is why d_w is kept small.
+- interaction: x = [f, u] with f = [p_i, p_j, t_i * t_j] (79 dims, each term a product of a
+  teacher vector and a student vector) and u = [|t_i - t_j|, JS, same] (17 dims that do not
+  factor). theta_f.f and f'Mff f are two N x N matrix products (the t_i * t_j block through the
+  120 distinct entries of t t'); theta_u.u + u'Muu u + 2 u.(Muf f) is built one block of
+  teacher rows at a time, ~550 multiply-adds per pair. Memory is bounded by
+  `3 * 17 * block_pairs` floats; the cost is O(N^2 d_u^2), which is why d_u is kept small.
+  `InteractionContext._ucb_matrix_direct` (all 32 interaction dims per pair) is the reference.
+
+Scoring runs its matrix products on one BLAS thread (`_one_blas_thread`): they are thin, and
+OpenBLAS's spinning threads made them several times slower on a busy 2-core machine.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -45,6 +53,51 @@ __all__ = [
 _TINY = 1e-300
 #: dims that get interaction terms: current Pass@1, CodeBLEU, log-perplexity + the histogram
 _T = np.r_[np.arange(PERF_SLICE.start, PERF_SLICE.start + 3), np.arange(HIST_SLICE.start, HIST_SLICE.stop)]
+#: interaction layout after [p_i, p_j]: |t_i - t_j| at 64.., t_i * t_j at _M0.., then JS, same
+_M0 = 2 * PROFILE_DIM + len(_T)
+#: the non-factorable dims of the interaction context: |t_i - t_j|, JS, same-family
+_U = np.r_[np.arange(2 * PROFILE_DIM, _M0), _M0 + len(_T), _M0 + len(_T) + 1]
+_IU, _JU = np.triu_indices(len(_T))
+#: up to this many agents the interaction scores are computed directly (measured crossover ~20)
+_DIRECT_MAX_N = 16
+
+
+def _openblas_local_threads() -> Callable[[int], int] | None:
+    """numpy's bundled OpenBLAS `openblas_set_num_threads_local` (returns the old count), if any."""
+    try:
+        import ctypes
+        from pathlib import Path
+
+        libs = Path(np.__file__).parent.parent / "numpy.libs"
+        for path in sorted(libs.glob("libscipy_openblas*.so*")) + sorted(libs.glob("libopenblas*.so*")):
+            fn = getattr(ctypes.CDLL(str(path)), "openblas_set_num_threads_local", None)
+            if fn is not None:
+                fn.restype, fn.argtypes = ctypes.c_int, [ctypes.c_int]
+                return fn  # type: ignore[no-any-return]
+    except OSError:
+        pass
+    return None
+
+
+_SET_BLAS_THREADS = _openblas_local_threads()
+
+
+@contextmanager
+def _one_blas_thread() -> Iterator[None]:
+    """Run the block's BLAS calls on one thread, then restore the caller's setting.
+
+    Why: scoring is made of thin products (inner dims 15-184); OpenBLAS's threads gain nothing
+    on them and, on a machine whose cores are busy, their spin-waits made the same products
+    2-10x slower in `benchmarks/bench_matching.py`. A no-op where numpy has no OpenBLAS.
+    """
+    if _SET_BLAS_THREADS is None:
+        yield
+        return
+    old = _SET_BLAS_THREADS(1)
+    try:
+        yield
+    finally:
+        _SET_BLAS_THREADS(max(int(old), 1))
 
 
 def _normalise_rows(h: np.ndarray) -> np.ndarray:
@@ -160,7 +213,8 @@ class ConcatContext(ContextBuilder):
     def ucb_matrix(self, profiles: np.ndarray, theta: np.ndarray, a_inv: np.ndarray,
                    beta: float) -> np.ndarray:
         self._check(theta, a_inv)
-        mean, quad = _concat_parts(self._rows(profiles), theta, a_inv)
+        with _one_blas_thread():
+            mean, quad = _concat_parts(self._rows(profiles), theta, a_inv)
         return _combine(mean, quad, beta)
 
 
@@ -172,7 +226,7 @@ class InteractionContext(ContextBuilder):
     n_w = 2 * n_t + 2
     dim = 2 * PROFILE_DIM + n_w
 
-    def __init__(self, block_pairs: int = 1 << 13) -> None:
+    def __init__(self, block_pairs: int = 1 << 12) -> None:
         self.block_pairs = int(block_pairs)
         # the data histogram of a node rarely changes between rounds, so the N x N JS matrix is
         # memoised on the exact histogram block (a cache, not state: never persisted)
@@ -195,6 +249,83 @@ class InteractionContext(ContextBuilder):
 
     def ucb_matrix(self, profiles: np.ndarray, theta: np.ndarray, a_inv: np.ndarray,
                    beta: float) -> np.ndarray:
+        """All-pairs UCB, splitting x_ij into factorable and non-factorable dims.
+
+        Why: building all 32 interaction dims per pair and multiplying by the 32 x 32 block of
+        A^-1 costs ~1,100 multiply-adds per pair. But only u = [|t_i - t_j|, JS, same] (17 dims)
+        is non-factorable; f = [p_i, p_j, t_i * t_j] is a product of per-node vectors, so every
+        f'Mf and theta_f.f term is one N x N matrix product (t_i*t_j against itself uses the 120
+        distinct entries of t t'). Per pair that leaves u'Muu u + 2 u.(Muf f), ~550 multiply-adds
+        in row blocks of `block_pairs` pairs. Equal to `_ucb_matrix_direct` up to rounding.
+        """
+        self._check(theta, a_inv)
+        p = self._rows(profiles)
+        with _one_blas_thread():
+            if p.shape[0] <= _DIRECT_MAX_N:  # a handful of agents: setup would cost more than it saves
+                return self._ucb_matrix_direct(p, theta, a_inv, beta)
+            mean, quad = self._factorable(p, theta, a_inv)
+            self._add_nonfactorable(p, theta, a_inv, mean, quad)
+        return _combine(mean, quad, beta)
+
+    def _factorable(self, p: np.ndarray, theta: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """theta_f.f and f'M_ff f for f = [p_i, p_j, t_i * t_j]: two matrix products, O(N^2 d)."""
+        d, a0, nt = PROFILE_DIM, _M0, self.n_t
+        n = p.shape[0]
+        t = p[:, _T]
+        ones = np.ones((n, 1))
+        q_t = np.einsum("ik,kl,il->i", p, m[:d, :d], p)[:, None]
+        q_s = np.einsum("ik,kl,il->i", p, m[d:2 * d, d:2 * d], p)[:, None]
+        m_pm = m[a0:a0 + nt, a0:a0 + nt]
+        qq = t[:, _IU] * t[:, _JU]  # (N, 120): t t' above the diagonal
+        weight = np.where(_IU == _JU, 1.0, 2.0) * m_pm[_IU, _JU]
+        left = np.concatenate([p @ (2.0 * m[:d, d:2 * d]), 2.0 * (p @ m[:d, a0:a0 + nt]) * t, t,
+                               qq * weight, q_t, ones], axis=1)
+        right = np.concatenate([p, t, 2.0 * (p @ m[d:2 * d, a0:a0 + nt]) * t, qq, ones, q_s], axis=1)
+        quad = left @ right.T
+        mean = np.concatenate([(p @ theta[:d])[:, None], ones, t * theta[a0:a0 + nt]], axis=1) @ \
+            np.concatenate([ones, (p @ theta[d:2 * d])[:, None], t], axis=1).T
+        return mean, quad
+
+    def _add_nonfactorable(self, p: np.ndarray, theta: np.ndarray, m: np.ndarray,
+                           mean: np.ndarray, quad: np.ndarray) -> None:
+        """Add theta_u.u and u'Muu u + 2 u.(Muf f) for u = [|t_i - t_j|, JS, same], in row blocks."""
+        d, a0, nt = PROFILE_DIM, _M0, self.n_t
+        n, nu = p.shape[0], _U.size
+        t = p[:, _T]
+        tt = np.ascontiguousarray(t.T)
+        fam = np.zeros((n, FAMILY_SLICE.stop - FAMILY_SLICE.start))
+        fam[np.arange(n), _family(p)] = 1.0
+        same = fam @ fam.T  # exactly 1.0 / 0.0
+        js = self.js_all(p)
+        m_uu = np.ascontiguousarray(m[np.ix_(_U, _U)])
+        m_um = 2.0 * m[a0:a0 + nt][:, _U].T  # (17, 15): u's cross terms with t_i * t_j
+        g = 2.0 * (p @ m[:d, _U])  # (N, 17): with p_teacher
+        h = np.ascontiguousarray((2.0 * (p @ m[d:2 * d, _U])).T)  # (17, N): with p_student
+        theta_u = theta[_U]
+        rows = max(1, self.block_pairs // max(n, 1))
+        u_buf, y_buf, c_buf = np.empty((rows, nu, n)), np.empty((rows, nu, n)), np.empty((rows * nu, n))
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            b = r1 - r0
+            u = u_buf[:b]
+            np.subtract(t[r0:r1, :, None], tt[None, :, :], out=u[:, :nt])
+            np.abs(u[:, :nt], out=u[:, :nt])
+            u[:, nt] = js[r0:r1]
+            u[:, nt + 1] = same[r0:r1]
+            y = np.matmul(m_uu, u, out=y_buf[:b])
+            c = np.matmul((t[r0:r1, None, :] * m_um[None, :, :]).reshape(b * nu, nt), tt,
+                          out=c_buf[:b * nu]).reshape(b, nu, n)
+            c += g[r0:r1, :, None]
+            c += h[None, :, :]
+            y += c
+            y *= u
+            quad[r0:r1] += y.sum(axis=1)
+            mean[r0:r1] += np.matmul(theta_u, u)
+
+    def _ucb_matrix_direct(self, profiles: np.ndarray, theta: np.ndarray, a_inv: np.ndarray,
+                           beta: float) -> np.ndarray:
+        """The straightforward blocked version (all 32 interaction dims per pair): the reference
+        the faster `ucb_matrix` is tested against."""
         self._check(theta, a_inv)
         p = self._rows(profiles)
         n, d2, nt = p.shape[0], 2 * PROFILE_DIM, self.n_t

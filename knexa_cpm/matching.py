@@ -6,7 +6,7 @@ agent is in at most one pair per round, in one role.
 
 Why not one full sort: at N = 1,024 there are ~1M ordered pairs and a full argsort costs about
 as much as the scoring, yet greedy usually needs only the top few thousand. `greedy_disjoint`
-takes the top ~8 * N candidates with `argpartition` (linear time), sorts only those, scans them
+takes the top ~16 * N candidates with `argpartition` (linear time), sorts only those, scans them
 in order (vectorised: one numpy pass per pick, not one Python step per candidate), and repeats
 on the submatrix of still-free agents until done. Each batch holds every entry >= its smallest
 score, and after a batch every entry of it touches a used agent, so the result is exactly that
@@ -62,8 +62,11 @@ def _descending(values: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Indices sorting `values` descending; exact ties in random order (keys drawn only then)."""
     order = np.argsort(-values, kind="stable")
     v = values[order]
-    if values.size > 1 and (v[1:] == v[:-1]).any():
-        order = np.lexsort((rng.random(values.size), -values))
+    tie = v[1:] == v[:-1]
+    if tie.any():
+        # run ids are ascending along `order`; id + key/2 reorders only within each run of ties
+        run = np.concatenate([[0.0], np.cumsum(~tie)])
+        order = order[np.argsort(run + 0.5 * rng.random(values.size))]
     return order
 
 
@@ -87,7 +90,6 @@ def _scan(teachers: np.ndarray, students: np.ndarray, used: np.ndarray, k_left: 
     return picks
 
 
-_STATS=[]
 def greedy_disjoint(scores: np.ndarray, k_max: int | None, rng: np.random.Generator,
                     *, batch: int | None = None, copy: bool = True) -> list[tuple[int, int]]:
     """Disjoint (teacher, student) pairs by descending score, at most `default_k(N, k_max)`.
@@ -97,7 +99,7 @@ def greedy_disjoint(scores: np.ndarray, k_max: int | None, rng: np.random.Genera
             The diagonal is ignored.
         k_max: most pairs to return (None = floor(N/2)).
         rng: source of the tie-breaking keys (drawn only when a batch holds exact ties).
-        batch: candidates per partition step (default max(8 * free agents, 1024)); it doubles
+        batch: candidates per partition step (default max(16 * free agents, 2048)); it doubles
             while batches yield under 1/8 of the pairs still wanted. Only speed depends on it.
         copy: False lets the function overwrite `scores` (the policies pass fresh arrays).
 
@@ -115,7 +117,7 @@ def greedy_disjoint(scores: np.ndarray, k_max: int | None, rng: np.random.Genera
         sub = s if free.size == n else s[np.ix_(free, free)]
         m = free.size
         flat = sub.ravel()
-        want = grow * (batch if batch is not None else max(8 * m, 1024))
+        want = grow * (batch if batch is not None else max(16 * m, 2048))
         if flat.size > want:
             top = np.argpartition(flat, flat.size - want)[flat.size - want:]
             threshold = flat[top].min()
@@ -129,7 +131,6 @@ def greedy_disjoint(scores: np.ndarray, k_max: int | None, rng: np.random.Genera
         wanted = k - len(pairs)
         got = _scan(free[order // m], free[order % m], used, wanted)
         pairs += got
-        _STATS.append((m, want, cand.size, len(got)))
         if len(got) < wanted / 8:
             grow *= 2
         free = np.flatnonzero(~used)

@@ -123,6 +123,13 @@ class Policy(ABC):
         """Feedback for one executed pair; policies that do not learn ignore it."""
         return None
 
+    def observe_batch(self, teacher_profiles: np.ndarray, student_profiles: np.ndarray,
+                      rewards: np.ndarray, *, teacher_ids: Sequence[str] | None = None) -> None:
+        """Feedback for several pairs of one round, in order; same effect as `observe` each."""
+        for k, r in enumerate(np.asarray(rewards, dtype=np.float64).reshape(-1).tolist()):
+            self.observe(teacher_profiles[k], student_profiles[k], r,
+                         teacher_id=None if teacher_ids is None else teacher_ids[k])
+
     def state_dict(self) -> dict[str, Any]:
         # PCG64 state holds 128-bit ints, which msgpack cannot encode: keep it as JSON text
         return {"name": self.name, "rng": json.dumps(self.rng.bit_generator.state)}
@@ -263,7 +270,12 @@ class LinUCBPolicy(Policy):
 
     def observe_batch(self, teacher_profiles: np.ndarray, student_profiles: np.ndarray,
                       rewards: np.ndarray, *, teacher_ids: Sequence[str] | None = None) -> None:
-        """Many observations at once (Woodbury); equal to `observe` in order, up to rounding."""
+        """Many observations at once (Woodbury); equal to `observe` in order, up to rounding.
+
+        Raises:
+            ValueError: mismatched lengths, malformed profiles or non-finite rewards (state is
+                unchanged).
+        """
         x = self._contexts(teacher_profiles, student_profiles)
         r = np.asarray(rewards, dtype=np.float64).reshape(-1)
         if r.shape[0] != x.shape[0] or (teacher_ids is not None and len(teacher_ids) != len(r)):

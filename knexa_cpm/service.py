@@ -132,7 +132,7 @@ class CpmService:
                     await self._send(stream, encode(sign(directive, self.identity.signing_key)))
                     return
                 reply = Reply(False, ReplyCode.NOT_READY, "directive not issued yet", self.machine.round)
-            if not reply.ok:
+            if not reply.ok and reply.code != ReplyCode.NOT_READY:  # a poll too early is no offence
                 self._reject(reply.code)
         await self._reply(stream, reply)
 
