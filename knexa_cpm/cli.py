@@ -43,6 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override any setting, e.g. --set cpm.lam=0.1")
     serve.add_argument("--print-config", action="store_true", help="print the effective config and exit")
 
+    from . import simulate
+
+    sim = sub.add_parser("simulate", help="run the synthetic matchmaker study (paper Fig. 2)",
+                         description="Synthetic federation study: LinUCB (both context builders) vs random, "
+                         "heuristic and an oracle, with CSV, plots and a markdown table.")
+    simulate.configure_parser(sim)
+
     return parser
 
 
@@ -72,6 +79,10 @@ async def _run_serve(cfg: CpmConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "simulate":
+        from . import simulate
+
+        return simulate.run(args)
     try:
         cfg = _cpm_config(args)
     except ConfigError as exc:
