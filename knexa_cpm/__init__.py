@@ -7,7 +7,8 @@ Pure cores (numpy, no networking):
 - `policies`: linucb / random / heuristic / round_robin / oracle behind one interface.
 - `rewards`: running (Welford) reward normalisation.
 - `rounds`: the round state machine (quorum, timeout, issued directives, reward acceptance).
-- `simulate`: the synthetic matchmaker study (`knexa-cpm simulate`).
+- `simulate`, `sim_world`, `sim_report`: the synthetic matchmaker study (`knexa-cpm simulate`):
+  CLI and grid, the hidden generative world, and CSV/table/plots.
 Plumbing: `state` (atomic snapshot/restore), `config`, `errors`, `service` (trio + libp2p),
 `cli` (`knexa-cpm serve|simulate`).
 """

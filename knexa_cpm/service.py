@@ -40,6 +40,7 @@ from protocol import (
 )
 
 from .config import CpmSection
+from .errors import StateError
 from .policies import make_policy
 from .rounds import RoundMachine, RoundSettings, short
 from .state import load_state, save_state
@@ -74,8 +75,12 @@ class CpmService:
         self.stats: dict[str, Any] = {"updates": 0, "rewards": [], "rejected": {}, "rounds_closed": 0}
         saved = load_state(self.state_dir)
         if saved is not None:
-            self.machine = RoundMachine.from_state(self.settings, saved["machine"])
-            self.policy.load_state_dict(saved["policy"])
+            try:
+                self.machine = RoundMachine.from_state(self.settings, saved["machine"])
+                self.policy.load_state_dict(saved["policy"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise StateError(f"{self.state_dir}: saved state does not fit this configuration ({exc}); "
+                                 "restore the old policy/context settings or move the state away") from exc
             self.stats = saved["stats"]
             logger.info("resumed state %s updates=%d", self.machine.describe(), self.stats["updates"])
         if not roster:
