@@ -98,24 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(cfg.cpm.log_level)
     from knexa_p2p.host import DialError
     from knexa_p2p.identity import IdentityError
-    from knexa_runtime.exceptions import leaf_of
+    from knexa_runtime.exceptions import run_mapped
 
     known: dict[type[BaseException], ExitCode] = {
         StateError: ExitCode.STATE, IdentityError: ExitCode.CONFIG, DialError: ExitCode.NETWORK,
         OSError: ExitCode.NETWORK,
     }
-    try:
-        trio.run(_run_serve, cfg)
-    except KeyboardInterrupt:
-        pass
-    except BaseException as exc:  # noqa: BLE001 - mapped to one line + exit code, else re-raised
-        leaf = leaf_of(exc, tuple(known))
-        if leaf is None:
-            raise
-        code = next(c for t, c in known.items() if isinstance(leaf, t))
-        print(f"knexa-cpm: {leaf}", file=sys.stderr)
-        return code
-    return ExitCode.OK
+    return run_mapped(lambda: trio.run(_run_serve, cfg), known, "knexa-cpm")
 
 
 if __name__ == "__main__":

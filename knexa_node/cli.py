@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         return ExitCode.CONFIG
     setup_logging(cfg.node.log_level)
     from knexa_p2p.identity import IdentityError
-    from knexa_runtime.exceptions import leaf_of
+    from knexa_runtime.exceptions import run_mapped
 
     from .models import ModelLoadError
 
@@ -135,18 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         ModelLoadError: ExitCode.MODEL, ConfigError: ExitCode.CONFIG, IdentityError: ExitCode.CONFIG,
         UnreachableError: ExitCode.NETWORK, OSError: ExitCode.NETWORK,
     }
-    try:
-        trio.run(_run, cfg)
-    except KeyboardInterrupt:
-        pass
-    except BaseException as exc:  # noqa: BLE001 - mapped to one line + exit code, else re-raised
-        leaf = leaf_of(exc, tuple(known))
-        if leaf is None:
-            raise
-        code = next(c for t, c in known.items() if isinstance(leaf, t))
-        print(f"knexa-node: {leaf}", file=sys.stderr)
-        return code
-    return ExitCode.OK
+    return run_mapped(lambda: trio.run(_run, cfg), known, "knexa-node")
 
 
 if __name__ == "__main__":
