@@ -1,0 +1,1 @@
+"""Federated-learning methods compared by `knexa-lab experiment` (contract: ``base.py``)."""
