@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
-import signal
 import sys
 from pathlib import Path
 
 import trio
 
-from knexa_runtime.config import ConfigError, load_config, parse_overrides
+from knexa_runtime.config import ConfigError, dump_config, load_config, parse_overrides
 from knexa_runtime.logs import setup_logging
 
 from .config import CpmConfig
@@ -39,9 +39,31 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--expected-nodes", type=int, help="federation size when no roster is given")
     serve.add_argument("--policy", choices=["linucb", "random", "heuristic", "round_robin"])
     serve.add_argument("--round-timeout", type=float, dest="round_timeout_s", help="seconds before a round closes without quorum")
+    serve.add_argument("--roster-file", type=Path, help="roster file ([[peer]] id/name/addr), re-read on SIGHUP")
+    serve.add_argument("--metrics", dest="metrics_listen", metavar="HOST:PORT",
+                       help="serve Prometheus metrics here (e.g. 127.0.0.1:9101)")
+    serve.add_argument("--log-format", choices=["text", "json"], help="log lines as key=value text or JSON")
     serve.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override any setting, e.g. --set cpm.lam=0.1")
-    serve.add_argument("--print-config", action="store_true", help="print the effective config and exit")
+    serve.add_argument("--print-config", action="store_true", help="print the effective config (TOML) and exit")
+
+    init = sub.add_parser("init", help="create the state directory, identity key and a commented config",
+                          description="Create STATE_DIR (0700) with a new Ed25519 identity (0600) and write a "
+                          "commented config file. Prints the CPM's peer id: nodes pin it in their `cpm` address.")
+    init.add_argument("--state-dir", type=Path, required=True)
+    init.add_argument("--config", type=Path, required=True, help="where to write the config file")
+    init.add_argument("--federation", default="knexa")
+    init.add_argument("--listen", default="/ip4/0.0.0.0/tcp/4001", metavar="MULTIADDR")
+    init.add_argument("--roster-file", type=Path, help="roster file path to name in the config")
+    init.add_argument("--metrics", default="", metavar="HOST:PORT", help="Prometheus endpoint to configure")
+    init.add_argument("--force", action="store_true", help="overwrite an existing config file")
+
+    status = sub.add_parser("status", help="ask the running CPM for its round, peers and last matches",
+                            description="Query the running daemon through its control socket "
+                            "(STATE_DIR/control.sock) and print its state.")
+    status.add_argument("--state-dir", type=Path, help="the daemon's state directory")
+    status.add_argument("--config", type=Path, help="or: its config file (state_dir is read from it)")
+    status.add_argument("--json", action="store_true", help="print the raw JSON")
 
     from . import simulate
 
@@ -56,25 +78,63 @@ def build_parser() -> argparse.ArgumentParser:
 def _cpm_config(args: argparse.Namespace) -> CpmConfig:
     overrides = parse_overrides(args.set)
     section = overrides.setdefault("cpm", {})
-    for key in ("listen", "state_dir", "federation", "roster", "expected_nodes", "policy", "round_timeout_s"):
+    for key in ("listen", "state_dir", "federation", "roster", "expected_nodes", "policy", "round_timeout_s",
+                "roster_file", "metrics_listen", "log_format"):
         value = getattr(args, key, None)
         if value is not None:
             section[key] = str(value) if isinstance(value, Path) else value
     return load_config(CpmConfig, args.config, overrides)
 
 
-async def _run_serve(cfg: CpmConfig) -> None:
-    from .service import serve
+async def _run_serve(args: argparse.Namespace, cfg: CpmConfig) -> None:
+    from functools import partial
 
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as nursery:
-            addrs = await nursery.start(serve, cfg.cpm)
-            for a in addrs:
-                print(f"knexa-cpm listening on {a}", flush=True)
-            async for signum in signals:
-                logging.getLogger("knexa_cpm").info("received %s, shutting down", signal.Signals(signum).name)
-                nursery.cancel_scope.cancel()
-                break
+    from knexa_runtime.daemon import supervise
+
+    from .service import CpmService, serve
+
+    svc = CpmService(cfg.cpm)
+
+    def reload() -> None:
+        svc.reload(_cpm_config(args).cpm)
+
+    await supervise(partial(serve, cfg.cpm, service=svc), name="knexa-cpm", reload=reload,
+                    logger=logging.getLogger("knexa_cpm"))
+
+
+def _init(args: argparse.Namespace) -> int:
+    from knexa_p2p.identity import load_or_create_identity
+    from knexa_runtime.initdir import InitError, create_state_dir, render_template, write_config
+
+    state = create_state_dir(args.state_dir.resolve())
+    identity = load_or_create_identity(state / "identity.key")
+    text = render_template("knexa_cpm", "cpm.toml.in", {
+        "federation": args.federation, "listen": args.listen, "state_dir": str(state),
+        "roster_file": str(args.roster_file.resolve()) if args.roster_file else "",
+        "metrics_listen": args.metrics,
+    })
+    try:
+        write_config(args.config, text, force=args.force)
+    except InitError as exc:
+        print(f"knexa-cpm: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG
+    print(f"state dir: {state}\nconfig:    {args.config}\npeer id:   {identity.peer_id}")
+    print(f"nodes reach this CPM at {args.listen}/p2p/{identity.peer_id} (use the host's public address)")
+    return ExitCode.OK
+
+
+def _status(args: argparse.Namespace) -> int:
+    from knexa_runtime.control import CONTROL_SOCKET, ControlError, query
+    from knexa_runtime.status import format_status
+
+    try:
+        state_dir = args.state_dir or load_config(CpmConfig, args.config).cpm.state_dir
+        answer = query(Path(state_dir) / CONTROL_SOCKET)
+    except (ControlError, ConfigError) as exc:
+        print(f"knexa-cpm: {exc}", file=sys.stderr)
+        return ExitCode.NETWORK
+    print(json.dumps(answer, indent=2) if args.json else format_status(answer))
+    return ExitCode.OK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,28 +143,29 @@ def main(argv: list[str] | None = None) -> int:
         from . import simulate
 
         return simulate.run(args)
+    if args.command == "init":
+        return _init(args)
+    if args.command == "status":
+        return _status(args)
     try:
         cfg = _cpm_config(args)
     except ConfigError as exc:
         print(f"knexa-cpm: {exc}", file=sys.stderr)
         return ExitCode.CONFIG
     if args.print_config:
-        import json
-
-        from knexa_runtime.config import to_toml_dict
-
-        print(json.dumps(to_toml_dict(cfg), indent=2))
+        print(dump_config(cfg), end="")
         return ExitCode.OK
-    setup_logging(cfg.cpm.log_level)
+    setup_logging(cfg.cpm.log_level, fmt=cfg.cpm.log_format)
     from knexa_p2p.host import DialError
     from knexa_p2p.identity import IdentityError
     from knexa_runtime.exceptions import run_mapped
+    from knexa_runtime.roster import RosterError
 
     known: dict[type[BaseException], ExitCode] = {
-        StateError: ExitCode.STATE, IdentityError: ExitCode.CONFIG, DialError: ExitCode.NETWORK,
-        OSError: ExitCode.NETWORK,
+        StateError: ExitCode.STATE, IdentityError: ExitCode.CONFIG, RosterError: ExitCode.CONFIG,
+        DialError: ExitCode.NETWORK, OSError: ExitCode.NETWORK,
     }
-    return run_mapped(lambda: trio.run(_run_serve, cfg), known, "knexa-cpm")
+    return run_mapped(lambda: trio.run(_run_serve, args, cfg), known, "knexa-cpm")
 
 
 if __name__ == "__main__":

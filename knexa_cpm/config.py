@@ -15,6 +15,9 @@ class CpmSection:
     state_dir: Path = Path(".knexa/cpm")
     #: base58 peer ids allowed to take part; empty = accept any peer (logged as a warning)
     roster: tuple[str, ...] = ()
+    #: a roster file ([[peer]] id/name/addr, see knexa_runtime.roster), merged with `roster`;
+    #: re-read on SIGHUP so members can join a running federation
+    roster_file: Path | None = None
     #: expected federation size (sizes the GossipSub mesh and the quorum when roster is empty)
     expected_nodes: int = 4
     #: a round closes when this fraction of the roster has sent a profile ...
@@ -29,8 +32,15 @@ class CpmSection:
     beta0: float = 1.0
     seed: int = 42
     log_level: str = "INFO"
+    #: "text" (key=value) or "json" (one JSON object per line)
+    log_format: str = "text"
+    #: Prometheus endpoint "HOST:PORT" ("" = off; port 0 = any free port, logged)
+    metrics_listen: str = ""
 
     def __post_init__(self) -> None:
+        from knexa_runtime.daemon import check_common
+
+        check_common(self.log_format, self.metrics_listen, self.log_level)
         if not 0.0 < self.quorum <= 1.0:
             raise ValueError("quorum must be in (0, 1]")
         if self.min_participants < 2:

@@ -7,6 +7,7 @@ relays a knowledge package: it does not even speak KD_PROTOCOL.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -21,6 +22,10 @@ from knexa_p2p.identity import load_or_create_identity
 from knexa_p2p.streams import FramedStream, StreamBroken
 from knexa_runtime.atomic import atomic_write_json
 from knexa_runtime.config import to_toml_dict
+from knexa_runtime.control import CONTROL_SOCKET, serve_control
+from knexa_runtime.daemon import diff_settings, merged_roster, parse_hostport
+from knexa_runtime.logs import set_level
+from knexa_runtime.metrics import DaemonMetrics
 from protocol import (
     CPM_PROTOCOL,
     DirectiveRequest,
@@ -45,11 +50,15 @@ from .policies import make_policy
 from .rounds import RoundMachine, RoundSettings, short
 from .state import load_state, save_state
 
-__all__ = ["CpmService", "serve"]
+__all__ = ["RELOADABLE", "CpmService", "serve"]
 
 logger = logging.getLogger("knexa_cpm")
 REQUEST_CAP = 8 * 1024
 READ_TIMEOUT_S = 10.0
+#: settings SIGHUP applies to a running CPM; the rest (listen, state_dir, federation, policy
+#: and its hyper-parameters) shape persisted state or sockets and need a restart
+RELOADABLE = ("roster", "roster_file", "expected_nodes", "quorum", "round_timeout_s", "min_participants",
+              "log_level")
 
 
 def _peer_bytes(b58: str) -> bytes:
@@ -64,12 +73,12 @@ class CpmService:
         self.state_dir = cfg.state_dir
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.identity = load_or_create_identity(self.state_dir / "identity.key")
-        roster = frozenset(_peer_bytes(p) for p in cfg.roster)
-        self.settings = RoundSettings(
-            federation=cfg.federation, cpm=self.identity.peer_bytes, roster=roster,
-            expected_nodes=len(roster) or cfg.expected_nodes, quorum=cfg.quorum,
-            round_timeout_s=cfg.round_timeout_s, min_participants=cfg.min_participants,
-        )
+        self.settings = self._round_settings(cfg)
+        roster = self.settings.roster
+        self.metrics = DaemonMetrics("cpm")
+        self.started = time.time()
+        self.last_closed: dict[str, Any] | None = None
+        self.metrics_port: int | None = None
         self.policy = make_policy(cfg.policy, context=cfg.context, lam=cfg.lam, beta0=cfg.beta0, seed=cfg.seed)
         self.machine = RoundMachine(self.settings)
         self.stats: dict[str, Any] = {"updates": 0, "rewards": [], "rejected": {}, "rounds_closed": 0}
@@ -89,6 +98,48 @@ class CpmService:
         self._lock = trio.Lock()
         self._host: P2PHost | None = None
 
+    def _round_settings(self, cfg: CpmSection) -> RoundSettings:
+        ids, _addrs = merged_roster(cfg.roster, cfg.roster_file)
+        roster = frozenset(_peer_bytes(p) for p in ids)
+        return RoundSettings(
+            federation=cfg.federation, cpm=self.identity.peer_bytes, roster=roster,
+            expected_nodes=len(roster) or cfg.expected_nodes, quorum=cfg.quorum,
+            round_timeout_s=cfg.round_timeout_s, min_participants=cfg.min_participants,
+        )
+
+    # ---- operations -------------------------------------------------------------------
+    def reload(self, new: CpmSection) -> list[str]:
+        """Apply the reloadable part of a re-read config (SIGHUP); returns what was ignored."""
+        applied, ignored = diff_settings(self.cfg, new, RELOADABLE)
+        if ignored:
+            logger.warning("reload: %s changed but need a restart; not applied", ", ".join(ignored))
+        if not applied and new.roster_file is None:
+            logger.info("reload: nothing changed")
+            return ignored
+        cfg = dataclasses.replace(self.cfg, **applied) if applied else self.cfg
+        settings = self._round_settings(cfg)  # re-reads the roster file even if its path is unchanged
+        self.cfg = cfg
+        self.settings = settings
+        self.machine.settings = settings
+        set_level(cfg.log_level)
+        logger.info("reload: applied %s; roster=%d quorum=%d", sorted(applied) or "roster file",
+                    len(settings.roster), settings.quorum_count)
+        return ignored
+
+    def status(self) -> dict[str, Any]:
+        host = self._host
+        return {
+            "daemon": "knexa-cpm", "peer": str(self.identity.peer_id), "federation": self.cfg.federation,
+            "policy": self.cfg.policy, "context": self.cfg.context, "round": self.machine.round,
+            "profiles_this_round": len(self.machine.profiles), "quorum": self.settings.quorum_count,
+            "roster": len(self.settings.roster), "pending_rewards": len(self.machine.pending),
+            "rounds_closed": self.stats["rounds_closed"], "bandit_updates": self.stats["updates"],
+            "rejected": dict(self.stats["rejected"]), "last_round": self.last_closed,
+            "peers": sorted(peer_id_str(p)[-8:] for p in host.connected_peers()) if host else [],
+            "uptime_s": round(time.time() - self.started, 1), "metrics_port": self.metrics_port,
+            "health": "ok" if host is not None else "starting",
+        }
+
     # ---- persistence ------------------------------------------------------------------
     def persist(self) -> None:
         save_state(self.state_dir, {
@@ -97,8 +148,9 @@ class CpmService:
             "stats": self.stats,
         })
 
-    def _reject(self, reason: str) -> None:
+    def _reject(self, reason: str, kind: str = "request") -> None:
         self.stats["rejected"][reason] = self.stats["rejected"].get(reason, 0) + 1
+        self.metrics.rejected.labels(kind, reason).inc()
 
     # ---- request handling ---------------------------------------------------------------
     async def handle_stream(self, stream: FramedStream) -> None:
@@ -126,6 +178,7 @@ class CpmService:
                 reply, entry = self.machine.submit_reward(peer, msg)
                 if entry is not None:
                     self.policy.observe(np.asarray(entry.teacher_profile), np.asarray(entry.student_profile), msg.reward)
+                    self.metrics.rewards.observe(msg.reward)
                     self.stats["updates"] += 1
                     self.stats["rewards"].append([msg.round, peer_id_str(msg.teacher), peer_id_str(msg.student), msg.reward])
                     self.persist()
@@ -165,7 +218,14 @@ class CpmService:
                 self.stats["rounds_closed"] += 1
                 self.persist()
             pairs = ", ".join(f"{short(m.teacher)}->{short(m.student)}" for m in directive.pairs)
-            logger.info("round=%d closed participants=%d pairs=[%s]", round_, len(directive.participants), pairs)
+            logger.info("round=%d closed participants=%d pairs=[%s]", round_, len(directive.participants), pairs,
+                        extra={"event": "round_closed", "round": round_})
+            self.metrics.rounds.inc()
+            self.metrics.round.set(self.machine.round)
+            self.metrics.matches.labels("issued").inc(len(directive.pairs))
+            self.last_closed = {"round": round_, "participants": len(directive.participants),
+                                "pairs": [f"{short(m.teacher)}->{short(m.student)}" for m in directive.pairs],
+                                "closed_at": time.time()}
             await self._publish(host, directive)
 
     async def _publish(self, host: P2PHost, directive: MatchDirective) -> None:
@@ -175,23 +235,38 @@ class CpmService:
         except Exception as exc:  # pubsub is best effort: nodes also poll with DirectiveRequest
             logger.warning("publish round=%d failed: %s", directive.round, exc)
 
+    async def watch_peers(self, host: P2PHost) -> None:
+        while True:
+            self.metrics.peers.set(len(host.connected_peers()))
+            await trio.sleep(2.0)
+
     async def drain(self, host: P2PHost) -> None:
         sub = await host.subscribe(self.topic)
         while True:
             await sub.get()  # our own and stray messages; subscribing keeps us in the mesh
 
 
-async def serve(cfg: CpmSection, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+async def serve(cfg: CpmSection, *, service: CpmService | None = None,
+                task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Run the CPM until cancelled. Reports its multiaddrs via `task_status.started`."""
-    svc = CpmService(cfg)
+    svc = CpmService(cfg) if service is None else service
     atomic_write_json(cfg.state_dir / "effective-config.json", to_toml_dict(cfg))
     gossip = GossipSettings.for_size(svc.settings.expected_nodes + 1)
-    async with open_host(svc.identity, cfg.listen, gossip=gossip) as host:
-        host.set_handler(CPM_PROTOCOL, svc.handle_stream)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(svc.drain, host)
-            nursery.start_soon(svc.round_loop, host)
-            addrs = host.addrs()
-            logger.info("cpm ready peer=%s federation=%s policy=%s quorum=%d",
-                        host.identity.peer_id, cfg.federation, cfg.policy, svc.settings.quorum_count)
-            task_status.started(addrs)
+    if cfg.metrics_listen:
+        svc.metrics_port = svc.metrics.serve(*parse_hostport(cfg.metrics_listen))
+    try:
+        async with open_host(svc.identity, cfg.listen, gossip=gossip) as host:
+            svc._host = host
+            host.set_handler(CPM_PROTOCOL, svc.handle_stream)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(svc.drain, host)
+                nursery.start_soon(svc.round_loop, host)
+                nursery.start_soon(svc.watch_peers, host)
+                await nursery.start(serve_control, cfg.state_dir / CONTROL_SOCKET, {"status": svc.status})
+                addrs = host.addrs()
+                logger.info("cpm ready peer=%s federation=%s policy=%s quorum=%d",
+                            host.identity.peer_id, cfg.federation, cfg.policy, svc.settings.quorum_count)
+                task_status.started(addrs)
+    finally:
+        svc._host = None
+        svc.metrics.close()

@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
 from pathlib import Path
 
 import trio
 
-from knexa_runtime.config import ConfigError, load_config, parse_overrides, to_toml_dict
+from knexa_runtime.config import ConfigError, dump_config, load_config, parse_overrides
 from knexa_runtime.logs import setup_logging
 
 from .config import NodeConfig
@@ -48,9 +47,36 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--roster", action="append", metavar="PEER_ID", help="allowed peer id (repeatable)")
     start.add_argument("--federation", help="federation id")
     start.add_argument("--rounds", type=int, help="exit after this many rounds (0 = run until stopped)")
+    start.add_argument("--roster-file", type=Path, help="roster file ([[peer]] id/name/addr), re-read on SIGHUP")
+    start.add_argument("--metrics", dest="metrics_listen", metavar="HOST:PORT",
+                       help="serve Prometheus metrics here (e.g. 127.0.0.1:9102)")
+    start.add_argument("--log-format", choices=["text", "json"], help="log lines as key=value text or JSON")
     start.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override any setting, e.g. --set learning.lr=1e-4 --set node.reward_delta=0")
-    start.add_argument("--print-config", action="store_true", help="print the effective config and exit")
+    start.add_argument("--print-config", action="store_true", help="print the effective config (TOML) and exit")
+
+    init = sub.add_parser("init", help="create the state directory, identity keys and a commented config",
+                          description="Create STATE_DIR (0700) with a new Ed25519 identity and X25519 package "
+                          "key (0600 each) and write a commented config. Prints the node's peer id: add it "
+                          "to the federation's roster file.")
+    init.add_argument("--state-dir", type=Path, required=True)
+    init.add_argument("--config", type=Path, required=True, help="where to write the config file")
+    init.add_argument("--federation", default="knexa")
+    init.add_argument("--model", default="smollm2-135m")
+    init.add_argument("--cpm", default="", metavar="MULTIADDR", help="the CPM's address with /p2p/<peer-id>")
+    init.add_argument("--data", type=Path, help="this node's private shard folder")
+    init.add_argument("--public-data", type=Path, help="public test/transfer sets folder")
+    init.add_argument("--listen", default="/ip4/0.0.0.0/tcp/4002", metavar="MULTIADDR")
+    init.add_argument("--roster-file", type=Path, help="roster file path to name in the config")
+    init.add_argument("--metrics", default="", metavar="HOST:PORT", help="Prometheus endpoint to configure")
+    init.add_argument("--force", action="store_true", help="overwrite an existing config file")
+
+    status = sub.add_parser("status", help="ask the running node for its round, phase, peers and last matches",
+                            description="Query the running daemon through its control socket "
+                            "(STATE_DIR/control.sock) and print its state.")
+    status.add_argument("--state-dir", type=Path, help="the daemon's state directory")
+    status.add_argument("--config", type=Path, help="or: its config file (state_dir is read from it)")
+    status.add_argument("--json", action="store_true", help="print the raw JSON")
     return parser
 
 
@@ -58,7 +84,7 @@ def _node_config(args: argparse.Namespace) -> NodeConfig:
     overrides = parse_overrides(args.set)
     section = overrides.setdefault("node", {})
     for key in ("model", "cpm", "data_dir", "public_dir", "state_dir", "listen", "bootstrap", "roster",
-                "federation", "rounds"):
+                "federation", "rounds", "roster_file", "metrics_listen", "log_format"):
         value = getattr(args, key, None)
         if value is not None:
             section[key] = str(value) if isinstance(value, Path) else value
@@ -81,13 +107,23 @@ def _validate(cfg: NodeConfig) -> None:
         raise ConfigError("no data: pass --data DIR (a node shard written by `knexa-lab split`)")
     if not (n.data_dir / "train.jsonl").is_file():
         raise ConfigError(f"--data {n.data_dir}: no train.jsonl there")
+    if n.roster_file is not None:
+        from knexa_runtime.roster import RosterError, load_roster
+
+        try:
+            load_roster(n.roster_file)
+        except RosterError as exc:
+            raise ConfigError(str(exc)) from exc
 
 
-async def _run(cfg: NodeConfig) -> None:
+async def _run(args: argparse.Namespace, cfg: NodeConfig) -> None:
+    from functools import partial
+
     from knexa_p2p.identity import load_or_create_identity, load_or_create_kem_key
+    from knexa_runtime.daemon import supervise
 
     from .backend_factory import create_backend
-    from .service import run_node
+    from .service import NodeService
 
     n = cfg.node
     n.state_dir.mkdir(parents=True, exist_ok=True)
@@ -95,47 +131,82 @@ async def _run(cfg: NodeConfig) -> None:
     kem = load_or_create_kem_key(n.state_dir / "kem.key")
     logger.info("node peer=%s model=%s federation=%s", identity.peer_id, n.model, n.federation)
     backend = await trio.to_thread.run_sync(create_backend, cfg)
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as nursery:
+    svc = NodeService(n, backend, identity, kem)
 
-            async def node_then_stop(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
-                await run_node(n, backend, identity, kem, task_status=task_status)
-                nursery.cancel_scope.cancel()
+    def reload() -> None:
+        svc.reload(_node_config(args).node)
 
-            for addr in await nursery.start(node_then_stop):
-                print(f"knexa-node listening on {addr}", flush=True)
+    await supervise(partial(svc.run), name="knexa-node", reload=reload, logger=logger, notifier=svc.notifier)
 
-            async def watch_signals() -> None:
-                async for signum in signals:
-                    logger.info("received %s, shutting down", signal.Signals(signum).name)
-                    nursery.cancel_scope.cancel()
-                    return
 
-            nursery.start_soon(watch_signals)
+def _init(args: argparse.Namespace) -> int:
+    from knexa_p2p.identity import load_or_create_identity, load_or_create_kem_key
+    from knexa_runtime.initdir import InitError, create_state_dir, render_template, write_config
+
+    state = create_state_dir(args.state_dir.resolve())
+    identity = load_or_create_identity(state / "identity.key")
+    load_or_create_kem_key(state / "kem.key")
+    text = render_template("knexa_node", "node.toml.in", {
+        "federation": args.federation, "model": args.model, "listen": args.listen, "state_dir": str(state),
+        "data_dir": str(args.data.resolve()) if args.data else "", "cpm": args.cpm,
+        "public_dir": str(args.public_data.resolve()) if args.public_data else "",
+        "roster_file": str(args.roster_file.resolve()) if args.roster_file else "",
+        "metrics_listen": args.metrics,
+    })
+    try:
+        write_config(args.config, text, force=args.force)
+    except InitError as exc:
+        print(f"knexa-node: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG
+    print(f"state dir: {state}\nconfig:    {args.config}\npeer id:   {identity.peer_id}")
+    print("add to the federation's roster file:\n"
+          f"  [[peer]]\n  id = \"{identity.peer_id}\"\n  addr = \"{args.listen}/p2p/{identity.peer_id}\"")
+    if not args.cpm or not args.data:
+        print("then set `cpm` and `data_dir` in the config before `knexa-node start`")
+    return ExitCode.OK
+
+
+def _status(args: argparse.Namespace) -> int:
+    from knexa_runtime.control import CONTROL_SOCKET, ControlError, query
+    from knexa_runtime.status import format_status
+
+    try:
+        state_dir = args.state_dir or load_config(NodeConfig, args.config).node.state_dir
+        answer = query(Path(state_dir) / CONTROL_SOCKET)
+    except (ControlError, ConfigError) as exc:
+        print(f"knexa-node: {exc}", file=sys.stderr)
+        return ExitCode.NETWORK
+    print(json.dumps(answer, indent=2) if args.json else format_status(answer))
+    return ExitCode.OK
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "init":
+        return _init(args)
+    if args.command == "status":
+        return _status(args)
     try:
         cfg = _node_config(args)
         if args.print_config:
-            print(json.dumps(to_toml_dict(cfg), indent=2))
+            print(dump_config(cfg), end="")
             return ExitCode.OK
         _validate(cfg)
     except ConfigError as exc:
         print(f"knexa-node: {exc}", file=sys.stderr)
         return ExitCode.CONFIG
-    setup_logging(cfg.node.log_level)
+    setup_logging(cfg.node.log_level, fmt=cfg.node.log_format)
     from knexa_p2p.identity import IdentityError
     from knexa_runtime.exceptions import run_mapped
+    from knexa_runtime.roster import RosterError
 
     from .models import ModelLoadError
 
     known: dict[type[BaseException], ExitCode] = {
         ModelLoadError: ExitCode.MODEL, ConfigError: ExitCode.CONFIG, IdentityError: ExitCode.CONFIG,
-        UnreachableError: ExitCode.NETWORK, OSError: ExitCode.NETWORK,
+        RosterError: ExitCode.CONFIG, UnreachableError: ExitCode.NETWORK, OSError: ExitCode.NETWORK,
     }
-    return run_mapped(lambda: trio.run(_run, cfg), known, "knexa-node")
+    return run_mapped(lambda: trio.run(_run, args, cfg), known, "knexa-node")
 
 
 if __name__ == "__main__":

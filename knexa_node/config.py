@@ -25,6 +25,9 @@ class NodeSection:
     bootstrap: tuple[str, ...] = ()
     #: base58 peer ids of the federation; empty = accept any peer (logged as a warning)
     roster: tuple[str, ...] = ()
+    #: a roster file ([[peer]] id/name/addr, see knexa_runtime.roster), merged with `roster`;
+    #: its addrs are dialled like `bootstrap`. Re-read on SIGHUP.
+    roster_file: Path | None = None
     #: stop after this many rounds (0 = run until stopped)
     rounds: int = 0
     cpm_connect_timeout_s: float = 60.0
@@ -42,8 +45,17 @@ class NodeSection:
     #: evaluate once more after the last round (for the final summary)
     final_eval: bool = True
     log_level: str = "INFO"
+    #: "text" (key=value) or "json" (one JSON object per line)
+    log_format: str = "text"
+    #: Prometheus endpoint "HOST:PORT" ("" = off; port 0 = any free port, logged)
+    metrics_listen: str = ""
+    #: seconds SIGTERM waits for a running ML step before abandoning it (state is per round)
+    stop_grace_s: float = 10.0
 
     def __post_init__(self) -> None:
+        from knexa_runtime.daemon import check_common
+
+        check_common(self.log_format, self.metrics_listen, self.log_level)
         if self.rounds < 0:
             raise ValueError("rounds must be >= 0")
         if self.max_package_bytes <= 0:

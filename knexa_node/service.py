@@ -8,10 +8,14 @@ compute the reward (Eq. 3) and report it. Blocking ML runs in worker threads beh
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import math
 import time
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import asdict
 from typing import Any
 
@@ -22,6 +26,11 @@ from knexa_p2p.host import DialError, GossipSettings, P2PHost, open_host
 from knexa_p2p.identity import Identity
 from knexa_p2p.streams import FramedStream, StreamBroken
 from knexa_runtime.atomic import atomic_write_json
+from knexa_runtime.control import CONTROL_SOCKET, serve_control
+from knexa_runtime.daemon import diff_settings, merged_roster, parse_hostport
+from knexa_runtime.logs import set_level
+from knexa_runtime.metrics import DaemonMetrics
+from knexa_runtime.systemd import Notifier
 from protocol import (
     CPM_PROTOCOL,
     FRAME_CAPS,
@@ -56,11 +65,16 @@ from .errors import UnreachableError
 from .profile import PerfPoint, build_profile, sanitize_profile
 from .reward import compute_reward
 
-__all__ = ["NodeService", "run_node"]
+__all__ = ["RELOADABLE", "NodeService", "run_node"]
 
 logger = logging.getLogger("knexa_node")
 STATE_FILE = "node-state.json"
 ROUNDS_FILE = "rounds.jsonl"
+#: settings SIGHUP applies to a running node; the rest (identity, model, data, listen, CPM)
+#: define who and what the node is and need a restart
+RELOADABLE = ("bootstrap", "roster", "roster_file", "directive_timeout_s", "directive_poll_s",
+              "package_timeout_s", "stream_timeout_s", "reward_gamma", "reward_delta", "profile_decimals",
+              "profile_epsilon", "log_level", "stop_grace_s", "cpm_connect_timeout_s")
 
 
 def short(peer: bytes) -> str:
@@ -99,7 +113,14 @@ class NodeService:
         self.me = identity.peer_bytes
         self.kem_key = kem_key
         self.cpm_peer = parse_peer(cfg.cpm)
-        self.roster = frozenset(base58.b58decode(p) for p in cfg.roster)
+        ids, self.roster_addrs = merged_roster(cfg.roster, cfg.roster_file)
+        self.roster = frozenset(base58.b58decode(p) for p in ids)
+        self.metrics = DaemonMetrics("node")
+        self.metrics_port: int | None = None
+        self.phase = "starting"
+        self.phase_since = time.time()
+        self.started = time.time()
+        self.notifier = Notifier()
         self.state_dir = cfg.state_dir
         self.book = DirectiveBook()
         self.directive_source: dict[int, str] = {}
@@ -115,6 +136,8 @@ class NodeService:
         self.history: list[PerfPoint] = [PerfPoint(**p) for p in state.get("history", [])]
         self.counters: dict[str, int] = state.get("counters", {})
         self.host: P2PHost | None = None
+        self.last_rounds: deque[dict[str, Any]] = deque(self._tail_rounds(5), maxlen=5)
+        self.metrics.round.set(self.round)
 
     # ---- state ------------------------------------------------------------------------
     def _load_state(self) -> dict[str, Any]:
@@ -129,6 +152,24 @@ class NodeService:
             "history": [asdict(p) for p in self.history], "counters": self.counters,
         })
 
+    def _tail_rounds(self, n: int) -> list[dict[str, Any]]:
+        path = self.state_dir / ROUNDS_FILE
+        if not path.exists():
+            return []
+        out = []
+        for line in path.read_text().splitlines()[-n:]:
+            with contextlib.suppress(ValueError):
+                out.append(self._round_summary(json.loads(line)))
+        return out
+
+    @staticmethod
+    def _round_summary(entry: dict[str, Any]) -> dict[str, Any]:
+        partner = entry.get("partner")
+        return {"round": entry.get("round"), "role": entry.get("role"),
+                "partner": partner[-8:] if isinstance(partner, str) else None,
+                "reward": round(entry["reward"], 4) if isinstance(entry.get("reward"), float) else None,
+                "pass_at_1": entry.get("pass_at_1"), "error": entry.get("error")}
+
     def _record(self, entry: dict[str, Any]) -> None:
         with open(self.state_dir / ROUNDS_FILE, "a") as fh:
             fh.write(json.dumps(entry, sort_keys=True) + "\n")
@@ -137,8 +178,76 @@ class NodeService:
     def _count(self, key: str) -> None:
         self.counters[key] = self.counters.get(key, 0) + 1
 
+    def _reject(self, kind: str, reason: str) -> None:
+        self._count(f"rejected_{kind}_{reason}")
+        self.metrics.rejected.labels(kind, reason).inc()
+
     async def _ml_call(self, fn: Any, *args: Any) -> Any:
-        return await trio.to_thread.run_sync(fn, *args, limiter=self._ml)
+        """Run a blocking ML step in the worker thread. On shutdown, wait `stop_grace_s` for it,
+        then abandon it: the node's state on disk is per round, so nothing half-done is kept."""
+        try:
+            return await trio.to_thread.run_sync(fn, *args, limiter=self._ml, abandon_on_cancel=True)
+        except trio.Cancelled:
+            with trio.CancelScope(shield=True), trio.move_on_after(self.cfg.stop_grace_s):
+                await trio.to_thread.run_sync(self._ml_idle, limiter=self._ml)
+            raise
+
+    @staticmethod
+    def _ml_idle() -> None:
+        """Acquiring the ML limiter proves the abandoned step finished (used on shutdown)."""
+
+    async def _save_checkpoint(self) -> None:
+        """Never abandoned: a checkpoint is written whole (it is atomic on disk anyway)."""
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(self.backend.save_checkpoint, self.state_dir / "checkpoint",
+                                          limiter=self._ml)
+
+    @contextlib.contextmanager
+    def _phase(self, name: str) -> Iterator[None]:
+        previous, self.phase, self.phase_since = self.phase, name, time.time()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.metrics.phase_seconds.labels(name).observe(time.perf_counter() - t0)
+            self.phase, self.phase_since = previous, time.time()
+
+    # ---- operations -------------------------------------------------------------------
+    def reload(self, new: NodeSection) -> list[str]:
+        """Apply the reloadable part of a re-read config (SIGHUP); returns what was ignored."""
+        import base58
+
+        applied, ignored = diff_settings(self.cfg, new, RELOADABLE)
+        if ignored:
+            logger.warning("reload: %s changed but need a restart; not applied", ", ".join(ignored))
+        cfg = dataclasses.replace(self.cfg, **applied) if applied else self.cfg
+        ids, addrs = merged_roster(cfg.roster, cfg.roster_file)
+        self.cfg = cfg
+        self.roster = frozenset(base58.b58decode(p) for p in ids)
+        self.roster_addrs = addrs
+        set_level(cfg.log_level)
+        logger.info("reload: applied %s; roster=%d dial=%d", sorted(applied) or "nothing new", len(self.roster),
+                    len(self.dial_targets()))
+        return ignored
+
+    def dial_targets(self) -> list[str]:
+        me = peer_id_str(self.me)
+        return list(dict.fromkeys(a for a in [self.cfg.cpm, *self.cfg.bootstrap, *self.roster_addrs]
+                                  if not a.endswith("/p2p/" + me)))
+
+    def status(self) -> dict[str, Any]:
+        host = self.host
+        cpm_ok = bool(host and host.is_connected(self.cpm_peer))
+        return {
+            "daemon": "knexa-node", "peer": peer_id_str(self.me), "federation": self.cfg.federation,
+            "model": self.backend.model_name, "round": self.round, "completed": self.completed,
+            "phase": self.phase, "phase_for_s": round(time.time() - self.phase_since, 1),
+            "health": "ok" if cpm_ok else ("starting" if host is None else "cpm unreachable"),
+            "peers": sorted(peer_id_str(p)[-8:] for p in host.connected_peers()) if host else [],
+            "roster": len(self.roster), "counters": dict(self.counters),
+            "uptime_s": round(time.time() - self.started, 1), "metrics_port": self.metrics_port,
+            "last_rounds": list(self.last_rounds),
+        }
 
     # ---- directives ---------------------------------------------------------------------
     def _accept_directive(self, signed: Signed, source: str) -> MatchDirective | None:
@@ -161,7 +270,7 @@ class NodeService:
                 signed = decode(msg.data, Signed, max_size=FRAME_CAPS["directive"])
                 self._accept_directive(signed, "pubsub")
             except RemoteProtocolError as exc:
-                self._count(f"rejected_directive_{exc.code}")
+                self._reject("directive", exc.code)
                 logger.warning("ignored pubsub message from=%s reason=%s", peer_id_str(msg.from_id)[-8:], exc)
 
     async def wait_directive(self, host: P2PHost, round_: int) -> MatchDirective | None:
@@ -229,11 +338,12 @@ class NodeService:
             body = open_package(sealed, self.kem_key, max_size=self.cfg.max_package_bytes)
             self.book.consume(sealed.directive_id, sealed.round, teacher=peer, student=self.me)
         except RemoteProtocolError as exc:
-            self._count(f"rejected_package_{exc.code}")
+            self._reject("package", exc.code)
             logger.warning("rejected package from=%s reason=%s detail=%s", short(peer), exc.code, exc)
             code = exc.code if exc.code in ReplyCode.ALL else ReplyCode.DECODE
             await stream.send(encode(Reply(False, code, str(exc)[:200], self.round)))
             return
+        self.metrics.bytes_received.inc(len(raw))
         self._inbox[sealed.directive_id] = (body, len(raw))
         self._inbox_events.setdefault(sealed.directive_id, trio.Event()).set()
         logger.info("package received from=%s round=%d items=%d bytes=%d", short(peer), sealed.round,
@@ -262,24 +372,35 @@ class NodeService:
         return {"package_bytes": len(payload), "ack": ack.code, "items": len(body.items)}
 
     # ---- connectivity -------------------------------------------------------------------
-    async def keep_connected(self, host: P2PHost, addrs: list[str]) -> None:
-        """Dial the CPM and bootstrap peers in the background, reconnecting with backoff."""
-        backoff = {a: 0.5 for a in addrs}
+    async def keep_connected(self, host: P2PHost) -> None:
+        """Dial the CPM, bootstrap and roster peers in the background, reconnecting with
+        exponential backoff per address (the list is re-read each pass, so SIGHUP edits apply)."""
+        backoff: dict[str, float] = {}
+        next_try: dict[str, float] = {}
         while True:
+            addrs = self.dial_targets()
+            now = trio.current_time()
             for a in addrs:
+                backoff.setdefault(a, 0.5)
+                if next_try.get(a, 0.0) > now:
+                    continue
                 try:
                     peer = parse_peer(a)
                     if not host.is_connected(peer):
                         await host.connect(a, timeout=5.0)
-                        logger.info("connected peer=%s", short(peer))
+                        logger.info("connected peer=%s", short(peer), extra={"event": "connected", "peer": short(peer)})
                     backoff[a] = 0.5
                 except (DialError, ValueError) as exc:
                     backoff[a] = min(backoff[a] * 2, 30.0)
-                    logger.debug("dial %s failed: %s", a, exc)
-            await trio.sleep(min(backoff.values()) if backoff else 5.0)
+                    logger.debug("dial %s failed (next try in %.1fs): %s", a, backoff[a], exc)
+                next_try[a] = trio.current_time() + backoff[a]
+            self.metrics.peers.set(len(host.connected_peers()))
+            await trio.sleep(0.5)
 
     async def wait_for_cpm(self, host: P2PHost) -> None:
-        with trio.move_on_after(self.cfg.cpm_connect_timeout_s):
+        """Block the first round (not start-up) until the CPM answers; 0 s = wait forever."""
+        last: Exception | None = None
+        with trio.move_on_after(self.cfg.cpm_connect_timeout_s or math.inf):
             while True:
                 try:
                     await host.connect(self.cfg.cpm, timeout=5.0)
@@ -293,8 +414,11 @@ class NodeService:
     # ---- rounds -------------------------------------------------------------------------
     async def run_round(self, host: P2PHost) -> None:
         t0 = time.time()
-        train = await self._ml_call(self.backend.train_local_epoch, self.round)
-        ev = await self._ml_call(self.backend.evaluate, self.round)
+        self.metrics.round.set(self.round)
+        with self._phase("train"):
+            train = await self._ml_call(self.backend.train_local_epoch, self.round)
+        with self._phase("evaluate"):
+            ev = await self._ml_call(self.backend.evaluate, self.round)
         # a diverged model (NaN loss) is reported as "worst", never as NaN on the wire
         self.history.append(PerfPoint(
             pass_at_1=ev.pass_at_1 if math.isfinite(ev.pass_at_1) else 0.0,
@@ -304,6 +428,7 @@ class NodeService:
         vector = build_profile(self.backend.family, self.history, self.backend.category_histogram())
         eps = self.cfg.profile_epsilon or None
         vector = sanitize_profile(vector, decimals=self.cfg.profile_decimals, epsilon=eps, rng=self._rng)
+        self.phase = "profile"
         while True:
             reply = await self.submit(host, Profile(self.cfg.federation, self.round, self.me, tuple(map(float, vector))))
             if reply.ok:
@@ -319,7 +444,8 @@ class NodeService:
             "perplexity": ev.perplexity, "pass_at_1": ev.pass_at_1, "codebleu": ev.codebleu,
             "role": "idle", "partner": None,
         }
-        directive = await self.wait_directive(host, self.round)
+        with self._phase("wait_directive"):
+            directive = await self.wait_directive(host, self.round)
         if directive is None:
             logger.warning("no directive for round=%d within %.0fs; skipping", self.round, self.cfg.directive_timeout_s)
             entry["role"] = "no_directive"
@@ -331,22 +457,34 @@ class NodeService:
                 elif m.student == self.me:
                     entry.update(await self._learn(host, directive, m.teacher, m.directive_id, ev.val_loss))
         entry["seconds"] = round(time.time() - t0, 2)
-        await self._ml_call(self.backend.save_checkpoint, self.state_dir / "checkpoint")
+        with self._phase("checkpoint"):
+            await self._save_checkpoint()
         self._record(entry)
         self.round += 1
         self.completed += 1
         self._save_state()
+        self.last_rounds.append(self._round_summary(entry))
+        self.metrics.rounds.inc()
+        self.metrics.round.set(self.round)
+        self.metrics.round_seconds.observe(time.time() - t0)
+        self._notify_status()
 
     async def _teach(self, host: P2PHost, directive: MatchDirective, student: bytes, did: bytes) -> dict[str, Any]:
+        self.metrics.matches.labels("teacher").inc()
         prompts = self.backend.transfer_prompts()
-        answers = await self._ml_call(self.backend.generate_answers, prompts)
-        kept, report = await self._ml_call(self.backend.filter_outgoing, answers)
+        with self._phase("teach_generate"):
+            answers = await self._ml_call(self.backend.generate_answers, prompts)
+            kept, report = await self._ml_call(self.backend.filter_outgoing, answers)
+        for reason, n in report.reasons.items():
+            self.metrics.guardrail_blocks.labels(reason).inc(n)
         logger.info("teacher round=%d student=%s answers=%d blocked=%d reasons=%s", directive.round,
                     short(student), len(kept), report.blocked, report.reasons)
         out: dict[str, Any] = {"role": "teacher", "partner": peer_id_str(student),
                                "guardrail": {"kept": report.kept, "blocked": report.blocked, "reasons": report.reasons}}
         try:
-            out.update(await self.send_package(host, directive, student, did, kept, report.blocked))
+            with self._phase("teach_send"):
+                out.update(await self.send_package(host, directive, student, did, kept, report.blocked))
+            self.metrics.bytes_sent.inc(out["package_bytes"])
             self._count("packages_sent")
         except (StreamBroken, RemoteProtocolError) as exc:
             self._count("packages_failed")
@@ -357,8 +495,9 @@ class NodeService:
     async def _learn(self, host: P2PHost, directive: MatchDirective, teacher: bytes, did: bytes,
                      loss_pre: float) -> dict[str, Any]:
         out: dict[str, Any] = {"role": "student", "partner": peer_id_str(teacher)}
+        self.metrics.matches.labels("student").inc()
         event = self._inbox_events.setdefault(did, trio.Event())
-        with trio.move_on_after(self.cfg.package_timeout_s):
+        with self._phase("learn_wait_package"), trio.move_on_after(self.cfg.package_timeout_s):
             await event.wait()
         if did not in self._inbox:
             logger.warning("no package from teacher=%s round=%d; no reward reported", short(teacher), directive.round)
@@ -370,8 +509,9 @@ class NodeService:
                           {"teacher": peer_id_str(teacher), "items": [[a.task_id, a.text] for a in answers]})
         adapter_before = self.backend.adapter_fingerprint()
         base_before = self.backend.base_fingerprint()
-        kd = await self._ml_call(self.backend.distill, answers, directive.round, max(self.cfg.rounds, 1))
-        loss_post = await self._ml_call(self.backend.validation_loss)
+        with self._phase("learn_distill"):
+            kd = await self._ml_call(self.backend.distill, answers, directive.round, max(self.cfg.rounds, 1))
+            loss_post = await self._ml_call(self.backend.validation_loss)
         if not (math.isfinite(loss_pre) and math.isfinite(loss_post)):
             logger.warning("non-finite validation loss (%s -> %s) round=%d; no reward reported",
                            loss_pre, loss_post, directive.round)
@@ -380,6 +520,8 @@ class NodeService:
         reward = compute_reward(loss_pre, loss_post, nbytes, gamma=self.cfg.reward_gamma, delta=self.cfg.reward_delta)
         report = RewardReport(self.cfg.federation, directive.round, did, teacher, self.me, float(reward), nbytes)
         reply = await self.submit(host, report)
+        if reply.ok:
+            self.metrics.rewards.observe(reward)
         logger.info("student round=%d teacher=%s loss %.4f -> %.4f reward=%.4f cpm=%s", directive.round,
                     short(teacher), loss_pre, loss_post, reward, reply.code)
         out.update({
@@ -390,24 +532,42 @@ class NodeService:
         })
         return out
 
+    def _notify_status(self) -> None:
+        self.notifier.status(f"round {self.round} ({self.completed} completed this run), phase {self.phase}")
+
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        async with open_host(self.identity, self.cfg.listen, gossip=GossipSettings.for_size(len(self.roster) + 1 if self.roster else 5)) as host:
-            self.host = host
-            host.set_handler(KD_PROTOCOL, self.handle_kd)
-            task_status.started(host.addrs())
-            await self.wait_for_cpm(host)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self.keep_connected, host, [self.cfg.cpm, *self.cfg.bootstrap])
+        if self.cfg.metrics_listen:
+            self.metrics_port = self.metrics.serve(*parse_hostport(self.cfg.metrics_listen))
+        gossip = GossipSettings.for_size(len(self.roster) + 1 if self.roster else 5)
+        try:
+            async with open_host(self.identity, self.cfg.listen, gossip=gossip) as host, \
+                    trio.open_nursery() as nursery:
+                self.host = host
+                host.set_handler(KD_PROTOCOL, self.handle_kd)
+                await nursery.start(serve_control, self.state_dir / CONTROL_SOCKET, {"status": self.status})
+                task_status.started(host.addrs())
+                nursery.start_soon(self.keep_connected, host)
+                with self._phase("connect_cpm"):
+                    await self.wait_for_cpm(host)
                 nursery.start_soon(self.listen_directives, host)
-                await self._ml_call(self.backend.load_checkpoint, self.state_dir / "checkpoint")
+                with self._phase("load_checkpoint"):
+                    resumed = await self._ml_call(self.backend.load_checkpoint, self.state_dir / "checkpoint")
+                if resumed or self.round:
+                    logger.info("resuming at round=%d (checkpoint %s)", self.round, "loaded" if resumed else "none",
+                                extra={"event": "resume", "round": self.round})
+                self.phase = "rounds"
                 while self.cfg.rounds == 0 or self.completed < self.cfg.rounds:
                     await self.run_round(host)
                 if self.cfg.final_eval:
-                    ev = await self._ml_call(self.backend.evaluate, self.round)
+                    with self._phase("final_eval"):
+                        ev = await self._ml_call(self.backend.evaluate, self.round)
                     atomic_write_json(self.state_dir / "final.json", {
                         "node": peer_id_str(self.me), "model": self.backend.model_name, **asdict(ev)})
                 logger.info("completed %d rounds; exiting", self.completed)
                 nursery.cancel_scope.cancel()
+        finally:
+            self.host = None
+            self.metrics.close()
 
 
 async def run_node(cfg: NodeSection, backend: ModelBackend, identity: Identity, kem_key: Any,

@@ -13,7 +13,7 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["ConfigError", "load_config", "parse_overrides", "to_toml_dict"]
+__all__ = ["ConfigError", "dump_config", "load_config", "parse_overrides", "to_toml_dict"]
 
 T = TypeVar("T")
 
@@ -129,3 +129,15 @@ def to_toml_dict(cfg: Any) -> dict[str, Any]:
             return str(v)
         return v
     return conv(cfg)
+
+
+def dump_config(cfg: Any) -> str:
+    """The effective config as TOML text that `load_config` reads back (None values omitted)."""
+    import tomli_w
+
+    def drop_none(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: drop_none(x) for k, x in v.items() if x is not None}
+        return v
+
+    return tomli_w.dumps(drop_none(to_toml_dict(cfg)))

@@ -1,0 +1,72 @@
+"""Prometheus metrics for both daemons (`prometheus_client`), on a per-daemon registry.
+
+One registry per daemon (not the process-global default) so in-process tests can run several
+daemons side by side. Names follow Prometheus conventions: `_total` counters, `_seconds`
+histograms, and a `role` label (`node` or `cpm`) so one dashboard covers both.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    start_http_server,
+)
+
+__all__ = ["DaemonMetrics"]
+
+logger = logging.getLogger(__name__)
+disable_created_metrics()  # `*_created` series double the output and nobody graphs them
+_DURATION_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+_REWARD_BUCKETS = (-1.0, -0.5, -0.1, -0.01, 0.0, 0.01, 0.1, 0.5, 1.0)
+
+
+class DaemonMetrics:
+    """Every metric a KNEXA daemon exports. Unused ones simply stay at zero."""
+
+    def __init__(self, role: str) -> None:
+        self.role = role
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.round = Gauge("knexa_round", "The round this daemon is in", registry=r)
+        self.rounds = Counter("knexa_rounds_total", "Rounds completed (node) or closed (CPM)", registry=r)
+        self.matches = Counter("knexa_matches_total", "Matches: pairs issued (CPM) or taken part in (node)",
+                               ["role"], registry=r)
+        self.rewards = Histogram("knexa_reward", "Rewards (Eq. 3) reported (node) or accepted (CPM)",
+                                 buckets=_REWARD_BUCKETS, registry=r)
+        self.bytes_sent = Counter("knexa_bytes_sent_total", "Knowledge-package bytes sent", registry=r)
+        self.bytes_received = Counter("knexa_bytes_received_total", "Knowledge-package bytes received",
+                                      registry=r)
+        self.rejected = Counter("knexa_rejected_messages_total", "Messages rejected, by reason",
+                                ["kind", "reason"], registry=r)
+        self.guardrail_blocks = Counter("knexa_guardrail_blocks_total",
+                                        "Outgoing answers blocked by the guardrail, by reason", ["reason"],
+                                        registry=r)
+        self.round_seconds = Histogram("knexa_round_duration_seconds", "Wall time of a whole round",
+                                       buckets=_DURATION_BUCKETS, registry=r)
+        self.phase_seconds = Histogram("knexa_phase_duration_seconds", "Wall time of a round phase",
+                                       ["phase"], buckets=_DURATION_BUCKETS, registry=r)
+        self.peers = Gauge("knexa_peers", "libp2p peers currently connected", registry=r)
+        self.up = Gauge("knexa_up", "1 while the daemon runs", ["daemon"], registry=r)
+        self.up.labels(role).set(1)
+        self._server: Any = None
+
+    def serve(self, address: str, port: int) -> int:
+        """Start the /metrics HTTP endpoint in a background thread; returns the bound port."""
+        server, _thread = start_http_server(port, addr=address, registry=self.registry)
+        self._server = server
+        bound = int(server.server_address[1])
+        logger.info("metrics endpoint http://%s:%d/metrics", address, bound)
+        return bound
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
