@@ -108,7 +108,7 @@ def _init(args: argparse.Namespace) -> int:
 
     state = create_state_dir(args.state_dir.resolve())
     identity = load_or_create_identity(state / "identity.key")
-    text = render_template("knexa_cpm", "cpm.toml.in", {
+    text = render_template(Path(__file__).parent / "templates" / "cpm.toml.in", {
         "federation": args.federation, "listen": args.listen, "state_dir": str(state),
         "roster_file": str(args.roster_file.resolve()) if args.roster_file else "",
         "metrics_listen": args.metrics,

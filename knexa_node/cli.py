@@ -146,7 +146,7 @@ def _init(args: argparse.Namespace) -> int:
     state = create_state_dir(args.state_dir.resolve())
     identity = load_or_create_identity(state / "identity.key")
     load_or_create_kem_key(state / "kem.key")
-    text = render_template("knexa_node", "node.toml.in", {
+    text = render_template(Path(__file__).parent / "templates" / "node.toml.in", {
         "federation": args.federation, "model": args.model, "listen": args.listen, "state_dir": str(state),
         "data_dir": str(args.data.resolve()) if args.data else "", "cpm": args.cpm,
         "public_dir": str(args.public_data.resolve()) if args.public_data else "",

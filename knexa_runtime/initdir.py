@@ -8,7 +8,6 @@ the template with the example's values and compares).
 from __future__ import annotations
 
 import os
-from importlib import resources
 from pathlib import Path
 from string import Template
 
@@ -19,9 +18,9 @@ class InitError(Exception):
     """Refusing to overwrite, or a path we cannot create."""
 
 
-def render_template(package: str, name: str, values: dict[str, str]) -> str:
-    text = resources.files(package).joinpath("templates", name).read_text()
-    return Template(text).substitute(values)
+def render_template(template: Path, values: dict[str, str]) -> str:
+    """Fill a daemon's commented config template (a `string.Template` with $placeholders)."""
+    return Template(Path(template).read_text()).substitute(values)
 
 
 def create_state_dir(path: Path) -> Path:

@@ -15,7 +15,7 @@ def test_examples_load():
     cpm = load_config(CpmConfig, DEPLOY / "cpm.example.toml")
     assert cpm.cpm.policy == "linucb"
     node = load_config(NodeConfig, DEPLOY / "node.example.toml")
-    assert node.node.model == "qwen-0.5b"
+    assert node.node.model == "qwen-0.5b" and node.node.roster_file is not None
 
 
 def test_overrides_are_typed_and_take_precedence():
