@@ -1,7 +1,8 @@
 """Daemon logging: one event per line, as text (`key=value` after a short message) or JSON.
 
-JSON lines carry the event's structured fields (round, peer, directive ...) when a call passes
-them as ``extra={"round": 3, "peer": "...KooW"}``; text lines carry the same in the message.
+Messages are written as ``what happened key=value key=value``; a JSON line carries those pairs
+as fields too (numbers as numbers), plus any ``extra={...}`` a call passes, so a log shipper can
+filter on ``round``, ``peer``, ``teacher`` or ``reason`` without parsing text.
 Neither ever holds package contents or private data: the callers only log ids, counts and scores.
 """
 
@@ -9,12 +10,24 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 
 __all__ = ["EVENT_FIELDS", "JsonFormatter", "set_level", "setup_logging"]
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_PAIR = re.compile(r"(?<![\w.])([a-z_][a-z0-9_]*)=([^\s,\]\[]+)")
+_RESERVED = {"ts", "level", "logger", "msg", "exc"}
+
+
+def _scalar(text: str) -> object:
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return {"True": True, "False": False, "None": None}.get(text, text)
 #: structured fields copied from a record into its JSON line when present
 EVENT_FIELDS = ("event", "round", "peer", "partner", "directive", "role", "reward", "bytes", "reason")
 
@@ -27,6 +40,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        for key, value in _PAIR.findall(out["msg"]):
+            if key not in _RESERVED:
+                out.setdefault(key, _scalar(value))
         for key in EVENT_FIELDS:
             if key in record.__dict__:
                 out[key] = record.__dict__[key]

@@ -33,3 +33,10 @@ def test_json_log_lines_carry_structured_fields():
     data = json.loads(line)
     assert data["msg"] == "round=3 closed" and data["round"] == 3 and data["peer"] == "abcd1234"
     assert data["level"] == "info" and data["ts"].endswith("Z") and "\n" not in line
+
+
+def test_key_value_pairs_in_messages_become_json_fields():
+    record = logging.LogRecord("knexa_cpm", logging.INFO, __file__, 1,
+                               "reward peer=%s round=%d teacher=%s reward=%.4f ok=%s", ("abc", 4, "def", -0.25, True), None)
+    data = json.loads(JsonFormatter().format(record))
+    assert (data["peer"], data["round"], data["teacher"], data["reward"], data["ok"]) == ("abc", 4, "def", -0.25, True)
