@@ -13,7 +13,7 @@ import socket
 import sys
 import time
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from tqdm import tqdm
 from .procs import Child, spawn
 from .results import collect, format_round_table, format_summary, write_results
 
-__all__ = ["LaunchError", "RunOptions", "load_preset", "run"]
+__all__ = ["Federation", "FederationSpec", "LaunchError", "RunOptions", "load_preset", "run", "run_federation"]
 
 
 class LaunchError(Exception):
@@ -91,9 +91,95 @@ def _prepare(out: Path, models: list[str], preset: dict[str, Any], cache: Path, 
     return data
 
 
-def run(opts: RunOptions) -> int:
+@dataclass(frozen=True)
+class FederationSpec:
+    """One federation of real processes on loopback: the data is already split under ``data``."""
+
+    out: Path
+    data: Path
+    models: list[str]
+    rounds: int
+    #: the shared [learning] table; each node adds its own ``seed`` (node_seeds) and total_rounds
+    learning: dict[str, Any]
+    node_seeds: list[int]
+    cache: Path
+    #: extra [cpm] / [node] keys (policy, context, seed; reward_gamma, timeouts, ...)
+    cpm: dict[str, Any] = field(default_factory=dict)
+    node: dict[str, Any] = field(default_factory=dict)
+    federation: str = "knexa-local"
+    round_timeout_s: float = 120.0
+    timeout_s: float = 3600.0
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class Federation:
+    """What a finished federation left behind."""
+
+    cpm_dir: Path
+    cpm_addr: str
+    node_dirs: list[Path]
+    roster: list[str]
+    #: names of nodes that exited non-zero (see their node.log)
+    failed: list[str]
+
+
+def run_federation(spec: FederationSpec, say: Any) -> Federation:
+    """Start `knexa-cpm serve` and one `knexa-node start` per model, follow them to the end, stop
+    every child (also on Ctrl-C, which propagates as KeyboardInterrupt).
+
+    Raises:
+        LaunchError: the CPM died, or the federation did not finish within ``spec.timeout_s``.
+    """
     from knexa_p2p.identity import load_or_create_identity
 
+    out, models = spec.out, spec.models
+    ports = _free_ports(len(models) + 1)
+    cpm_dir = out / "cpm"
+    cpm_id = load_or_create_identity(cpm_dir / "identity.key")
+    node_dirs = [out / f"node-{i}" for i in range(len(models))]
+    node_ids = [load_or_create_identity(d / "identity.key") for d in node_dirs]
+    roster = [str(i.peer_id) for i in node_ids]
+    cpm_addr = f"/ip4/127.0.0.1/tcp/{ports[0]}/p2p/{cpm_id.peer_id}"
+    node_addrs = [f"/ip4/127.0.0.1/tcp/{p}/p2p/{i.peer_id}" for p, i in zip(ports[1:], node_ids, strict=True)]
+
+    cpm_cfg = {"cpm": {"federation": spec.federation, "listen": [f"/ip4/127.0.0.1/tcp/{ports[0]}"],
+                       "state_dir": str(cpm_dir), "roster": roster, "round_timeout_s": float(spec.round_timeout_s),
+                       **spec.cpm}}
+    (cpm_dir / "cpm.toml").write_text(tomli_w.dumps(cpm_cfg))
+    env = {"KNEXA_CACHE": str(spec.cache), "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": str(spec.learning.get("threads", 1) or 1)}
+    children: list[Child] = []
+    try:
+        cpm = spawn("cpm", [sys.executable, "-m", "knexa_cpm", "serve", "--config", str(cpm_dir / "cpm.toml")],
+                    cpm_dir / "cpm.log", env)
+        children.append(cpm)
+        cpm.wait_for_line("listening on", 60)
+        say(f"cpm listening on {cpm_addr}")
+        for i, (model, d) in enumerate(zip(models, node_dirs, strict=True)):
+            node_cfg = {
+                "node": {"federation": spec.federation, "model": model, "state_dir": str(d),
+                         "data_dir": str(spec.data / f"node-{i}"), "public_dir": str(spec.data / "public"),
+                         "listen": [f"/ip4/127.0.0.1/tcp/{ports[i + 1]}"], "cpm": cpm_addr,
+                         "bootstrap": [a for j, a in enumerate(node_addrs) if j != i],
+                         "roster": roster, "rounds": spec.rounds, **spec.node},
+                "learning": {**spec.learning, "seed": int(spec.node_seeds[i]), "total_rounds": spec.rounds},
+            }
+            (d / "node.toml").write_text(tomli_w.dumps(node_cfg))
+            children.append(spawn(f"node-{i}", [sys.executable, "-m", "knexa_node", "start", "--config",
+                                                str(d / "node.toml")], d / "node.log", env))
+        for c, model in zip(children[1:], models, strict=True):
+            line = c.wait_for_line("listening on", 600)
+            say(f"{c.name} ({model}) {line.split('listening on', 1)[1].strip()}")
+        _follow(children, node_dirs, spec.rounds, spec.timeout_s, spec.progress, say)
+    finally:
+        for c in reversed(children):
+            c.stop()
+    failed = [c.name for c in children[1:] if c.proc.returncode not in (0, None)]
+    return Federation(cpm_dir=cpm_dir, cpm_addr=cpm_addr, node_dirs=node_dirs, roster=roster, failed=failed)
+
+
+def run(opts: RunOptions) -> int:
     preset = load_preset(opts.preset)
     models = _models_for(preset, opts)
     if len(models) < 2:
@@ -108,57 +194,22 @@ def run(opts: RunOptions) -> int:
 
     say(f"results -> {out}")
     data = _prepare(out, models, preset, cache, say)
-
-    ports = _free_ports(len(models) + 1)
-    cpm_dir = out / "cpm"
-    cpm_id = load_or_create_identity(cpm_dir / "identity.key")
-    node_dirs = [out / f"node-{i}" for i in range(len(models))]
-    node_ids = [load_or_create_identity(d / "identity.key") for d in node_dirs]
-    roster = [str(i.peer_id) for i in node_ids]
-    cpm_addr = f"/ip4/127.0.0.1/tcp/{ports[0]}/p2p/{cpm_id.peer_id}"
-    node_addrs = [f"/ip4/127.0.0.1/tcp/{p}/p2p/{i.peer_id}" for p, i in zip(ports[1:], node_ids, strict=True)]
-
-    cpm_cfg = {"cpm": {"federation": opts.federation, "listen": [f"/ip4/127.0.0.1/tcp/{ports[0]}"],
-                       "state_dir": str(cpm_dir), "roster": roster,
-                       "round_timeout_s": float(preset["run"].get("round_timeout_s", 120.0)),
-                       **preset.get("cpm", {})}}
-    (cpm_dir / "cpm.toml").write_text(tomli_w.dumps(cpm_cfg))
-    env = {"KNEXA_CACHE": str(cache), "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": str(preset.get("learning", {}).get("threads", 1))}
-    children: list[Child] = []
+    seed = int(preset["run"]["seed"])
+    spec = FederationSpec(out=out, data=data, models=models, rounds=rounds, learning=dict(preset.get("learning", {})),
+                          node_seeds=[seed + i for i in range(len(models))], cache=cache,
+                          cpm=dict(preset.get("cpm", {})), node=dict(preset.get("node", {})),
+                          federation=opts.federation,
+                          round_timeout_s=float(preset["run"].get("round_timeout_s", 120.0)),
+                          timeout_s=opts.timeout_s, progress=opts.progress)
     try:
-        cpm = spawn("cpm", [sys.executable, "-m", "knexa_cpm", "serve", "--config", str(cpm_dir / "cpm.toml")],
-                    cpm_dir / "cpm.log", env)
-        children.append(cpm)
-        cpm.wait_for_line("listening on", 60)
-        say(f"cpm listening on {cpm_addr}")
-        for i, (model, d) in enumerate(zip(models, node_dirs, strict=True)):
-            node_cfg = {
-                "node": {"federation": opts.federation, "model": model, "state_dir": str(d),
-                         "data_dir": str(data / f"node-{i}"), "public_dir": str(data / "public"),
-                         "listen": [f"/ip4/127.0.0.1/tcp/{ports[i + 1]}"], "cpm": cpm_addr,
-                         "bootstrap": [a for j, a in enumerate(node_addrs) if j != i],
-                         "roster": roster, "rounds": rounds, **preset.get("node", {})},
-                "learning": {**preset.get("learning", {}), "seed": int(preset["run"]["seed"]) + i,
-                             "total_rounds": rounds},
-            }
-            (d / "node.toml").write_text(tomli_w.dumps(node_cfg))
-            children.append(spawn(f"node-{i}", [sys.executable, "-m", "knexa_node", "start", "--config",
-                                                str(d / "node.toml")], d / "node.log", env))
-        for c, model in zip(children[1:], models, strict=True):
-            line = c.wait_for_line("listening on", 600)
-            say(f"{c.name} ({model}) {line.split('listening on', 1)[1].strip()}")
-        _follow(children, node_dirs, rounds, opts, say)
+        fed = run_federation(spec, say)
     except KeyboardInterrupt:
         say("interrupted: stopping all daemons")
         return 130
-    finally:
-        for c in reversed(children):
-            c.stop()
-    named = [(f"node-{i}", d) for i, d in enumerate(node_dirs)]
+    named = [(f"node-{i}", d) for i, d in enumerate(fed.node_dirs)]
     rounds_log, finals = collect(named)
     meta = {"preset": opts.preset, "models": models, "rounds": rounds, "federation": opts.federation,
-            "cpm": cpm_addr, "nodes": dict(zip([n for n, _ in named], roster, strict=True))}
+            "cpm": fed.cpm_addr, "nodes": dict(zip([n for n, _ in named], fed.roster, strict=True))}
     write_results(out, rounds_log, finals, meta)
     print()
     print("Per-round matches (teacher -> student), reward (Eq. 3), student's validation loss, Pass@1 teacher/student")
@@ -166,13 +217,12 @@ def run(opts: RunOptions) -> int:
     print()
     print("Summary")
     print(format_summary(rounds_log, finals))
-    cpm_state = _cpm_summary(cpm_dir)
+    cpm_state = _cpm_summary(fed.cpm_dir)
     if cpm_state:
         print(f"\nCPM: {cpm_state}")
     print(f"\nresults: {out}/results.json, {out}/rounds.csv; logs: {out}/*/*.log")
-    failed = [c.name for c in children[1:] if c.proc.returncode not in (0, None)]
-    if failed:
-        say(f"nodes that failed: {failed} (see their node.log)")
+    if fed.failed:
+        say(f"nodes that failed: {fed.failed} (see their node.log)")
         return 1
     return 0
 
@@ -190,10 +240,11 @@ def _cpm_summary(cpm_dir: Path) -> str:
     return f"rounds closed={s['rounds_closed']} bandit updates={s['updates']} rejected={s['rejected'] or 'none'}"
 
 
-def _follow(children: list[Child], node_dirs: list[Path], rounds: int, opts: RunOptions, say: Any) -> None:
+def _follow(children: list[Child], node_dirs: list[Path], rounds: int, timeout_s: float, progress: bool,
+            say: Any) -> None:
     total = rounds * len(node_dirs)
-    deadline = time.monotonic() + opts.timeout_s
-    with tqdm(total=total, desc="node-rounds", unit="round", disable=not opts.progress, file=sys.stdout) as bar:
+    deadline = time.monotonic() + timeout_s
+    with tqdm(total=total, desc="node-rounds", unit="round", disable=not progress, file=sys.stdout) as bar:
         done = 0
         while True:
             n = sum(len((d / "rounds.jsonl").read_text().splitlines()) if (d / "rounds.jsonl").exists() else 0
@@ -207,7 +258,7 @@ def _follow(children: list[Child], node_dirs: list[Path], rounds: int, opts: Run
             if children[0].poll() is not None:
                 raise LaunchError(f"the CPM exited with {children[0].proc.returncode}; see {children[0].log}")
             if time.monotonic() > deadline:
-                raise LaunchError(f"federation did not finish within {opts.timeout_s:.0f}s")
+                raise LaunchError(f"federation did not finish within {timeout_s:.0f}s")
             time.sleep(0.5)
     for c in children[1:]:
         if c.proc.returncode != 0:

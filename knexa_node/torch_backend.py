@@ -308,6 +308,42 @@ class TorchBackend:
                     report.seconds)
         return report
 
+    def evaluate_pass_at_k(self, n_samples: int, ks: Sequence[int] = (1, 5, 10), temperature: float = 0.8,
+                           *, round_idx: int = 0) -> dict[int, float]:
+        """Unbiased Pass@k from ``n_samples`` sampled completions per problem (SPEC "Metrics").
+
+        Same problems as :meth:`evaluate` (the first ``eval_problems`` of the test set), nucleus
+        sampling at ``temperature`` with ``cfg.top_p``; seeded by (seed, round) and independent
+        of every other generation, so adding it changes nothing else a node does. A k above
+        ``n_samples`` is left out of the result.
+
+        Raises:
+            ValueError: ``n_samples < 1`` or ``temperature <= 0`` (greedy samples are identical).
+        """
+        from .evaluation import execute_candidates, pass_at_k_report
+
+        if n_samples < 1 or temperature <= 0:
+            raise ValueError(f"need n_samples >= 1 and temperature > 0, got {n_samples}, {temperature}")
+        problems = self.data.test[:self.cfg.eval_problems]
+        if not problems:
+            return {}
+        t0 = time.perf_counter()
+        cfg = self.cfg
+        settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens, temperature=temperature, top_p=cfg.top_p,
+                                      batch_size=max(cfg.gen_batch, n_samples), max_prompt_len=cfg.max_len,
+                                      progress=cfg.progress)
+        seed = int(np.random.SeedSequence([cfg.seed, max(round_idx, 0), 0x9A55]).generate_state(1)[0])
+        result = generate(self.model, self.tokenizer, [self._fmt(p["prompt"]) for p in problems], settings=settings,
+                          num_return_sequences=n_samples, entry_points=[p["entry_point"] for p in problems],
+                          seed=seed, device=self.loaded.device)
+        results = execute_candidates(problems, result.texts, workers=cfg.sandbox_workers or None,
+                                     timeout_s=cfg.sandbox_timeout_s)
+        report = pass_at_k_report(results, ks=[k for k in ks if k <= n_samples])
+        logger.info("sampled pass@k round=%d n=%d T=%.2f %s (%d problems, %.1fs)", round_idx, n_samples,
+                    temperature, {k: round(v, 3) for k, v in report.items()}, len(problems),
+                    time.perf_counter() - t0)
+        return report
+
     def category_histogram(self) -> np.ndarray:
         return histogram(p["prompt"] for p in self.data.train)
 

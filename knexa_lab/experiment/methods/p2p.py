@@ -1,0 +1,184 @@
+"""The P2P methods: a matchmaker pairs clients, teachers send text answers, students distil.
+
+One class, :class:`PeerToPeer`, runs the learning path of the daemons (``knexa_node.service``
+``run_round`` / ``_teach`` / ``_learn`` and ``knexa_cpm.service``) in-process, with the network
+taken out and nothing else changed:
+
+1. every client's profile: :func:`knexa_node.profile.build_profile` over its evaluation history
+   (``ctx.history``: the evaluations at the end of the previous rounds; empty in round 0, which
+   the profile treats as "worst", so round 0 pairs on family and data histogram only), then
+   :func:`~knexa_node.profile.sanitize_profile` exactly as the node sends it;
+2. the CPM's policy (:func:`knexa_cpm.policies.make_policy`) picks disjoint ordered
+   (teacher, student) pairs from the profile matrix, rows in client order;
+3. teacher: ``generate_answers(transfer_prompts())`` then ``filter_outgoing`` (guardrail);
+4. student: validation loss, ``distill`` (SPEC Eq. 2), validation loss again, reward by
+   :func:`knexa_node.reward.compute_reward` (Eq. 3) over the package's wire size
+   (:func:`base.package_bytes`; the daemons' sealed package adds ~100 bytes), and
+   ``policy.observe(teacher_profile, student_profile, reward)`` as the CPM does on a reward report.
+
+Subclasses only choose the policy: ``random-p2p`` (uniform random pairs), ``heuristic-p2p``
+(supplement Alg. 3), ``knexa-fl`` (LinUCB, interaction context, our default) and
+``knexa-fl-concat`` (LinUCB on the paper's concatenated ``[p_i, p_j]``). ``[methods.<name>]``
+may override any key of :data:`SETTINGS`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from knexa_cpm.config import CpmSection
+from knexa_node.config import NodeSection
+
+from .base import Client, ClientStep, RoundContext, package_bytes
+
+__all__ = ["SETTINGS", "HeuristicP2P", "KnexaFL", "KnexaFLConcat", "PeerToPeer", "RandomP2P", "policy_seed"]
+
+logger = logging.getLogger(__name__)
+
+_CPM = CpmSection()
+_NODE = NodeSection()
+#: every setting a P2P method accepts, with the daemons' defaults
+SETTINGS: dict[str, Any] = {
+    # matchmaker (knexa_cpm.policies.make_policy); seed None = derived from the clients' seeds
+    "policy": None, "context": None, "lam": _CPM.lam, "beta0": _CPM.beta0, "beta_decay": 0.05,
+    "beta_schedule": "inv_sqrt", "trust_weight": 0.0, "trust_rate": 0.2, "seed": None,
+    # pairs per round (0 = floor(N/2), the CPM's default)
+    "k_max": 0,
+    # node side: Eq. 3 weights and profile sanitization
+    "gamma": _NODE.reward_gamma, "delta": _NODE.reward_delta,
+    "profile_decimals": _NODE.profile_decimals, "profile_epsilon": _NODE.profile_epsilon,
+}  # fmt: skip
+_STATE_DIR = "policy"
+
+
+def policy_seed(client_seeds: Sequence[int]) -> int:
+    """The matchmaker's seed for one experiment seed: a function of all clients' seeds, so every
+    seed of an experiment draws different random pairs and tie-breaks (the daemons mode passes
+    the same value to ``knexa-cpm serve``)."""
+    return int(np.random.SeedSequence([int(s) for s in client_seeds]).generate_state(1)[0])
+
+
+class PeerToPeer:
+    """See the module docstring. Instances live for one (method, seed) run."""
+
+    name: ClassVar[str] = "p2p"
+    local_training: ClassVar[bool] = True
+    policy_name: ClassVar[str] = "linucb"
+    context: ClassVar[str] = "interaction"
+
+    def __init__(self) -> None:
+        self.policy: Any = None
+        self.settings: dict[str, Any] = {}
+
+    def setup(self, clients: Sequence[Client], settings: Mapping[str, Any], workdir: Path) -> None:
+        from knexa_cpm.policies import make_policy
+
+        unknown = sorted(set(settings) - set(SETTINGS))
+        if unknown:
+            raise ValueError(f"{self.name}: unknown settings {unknown}; known: {', '.join(SETTINGS)}")
+        s = {**SETTINGS, **settings}
+        s["policy"] = s["policy"] or self.policy_name
+        s["context"] = s["context"] or self.context
+        s["seed"] = policy_seed([c.seed for c in clients]) if s["seed"] is None else int(s["seed"])
+        self.settings = s
+        self.policy = make_policy(s["policy"], context=s["context"], lam=float(s["lam"]), beta0=float(s["beta0"]),
+                                  beta_decay=float(s["beta_decay"]), seed=s["seed"],
+                                  beta_schedule=s["beta_schedule"], trust_weight=float(s["trust_weight"]),
+                                  trust_rate=float(s["trust_rate"]))
+
+    def profiles(self, ctx: RoundContext) -> np.ndarray:
+        """(N, 32) sanitized profiles in client order, as each node would send them."""
+        from knexa_node.profile import PerfPoint, build_profile, sanitize_profile
+
+        eps = float(self.settings["profile_epsilon"]) or None
+        rows = []
+        for c in ctx.clients:
+            # the node's rule: a diverged model is reported as "worst", never as NaN
+            history = [PerfPoint(pass_at_1=ev.pass_at_1 if math.isfinite(ev.pass_at_1) else 0.0,
+                                 codebleu=ev.codebleu if math.isfinite(ev.codebleu) else 0.0,
+                                 perplexity=ev.perplexity if math.isfinite(ev.perplexity) else float("inf"))
+                       for ev in ctx.history.get(c.index, ())]
+            raw = build_profile(c.backend.family, history, c.backend.category_histogram())
+            rows.append(sanitize_profile(raw, decimals=int(self.settings["profile_decimals"]), epsilon=eps,
+                                         rng=ctx.rng))
+        return np.stack(rows)
+
+    def communicate(self, ctx: RoundContext) -> dict[int, ClientStep]:
+        from knexa_node.reward import compute_reward
+
+        clients = list(ctx.clients)
+        profiles = self.profiles(ctx)
+        k_max = int(self.settings["k_max"]) or None
+        pairs = self.policy.select(profiles, ctx.round_idx, k_max)
+        steps: dict[int, ClientStep] = {}
+        for t, s in pairs:
+            teacher, student = clients[t], clients[s]
+            tb, sb = teacher.backend, student.backend
+            answers = tb.generate_answers(tb.transfer_prompts())
+            kept, guard = tb.filter_outgoing(answers)
+            nbytes = package_bytes(kept)
+            steps[teacher.index] = ClientStep(role="teacher", partner=student.name, bytes_sent=nbytes)
+            loss_pre = sb.validation_loss()
+            kd = sb.distill(kept, ctx.round_idx, max(ctx.total_rounds, 1))
+            loss_post = sb.validation_loss()
+            reward = None
+            if math.isfinite(loss_pre) and math.isfinite(loss_post):
+                reward = compute_reward(loss_pre, loss_post, nbytes, gamma=float(self.settings["gamma"]),
+                                        delta=float(self.settings["delta"]))
+                self.policy.observe(profiles[t], profiles[s], reward)
+            else:  # the node reports no reward then, so the bandit learns nothing from it
+                logger.warning("%s round=%d %s: non-finite validation loss (%s -> %s); no reward",
+                               self.name, ctx.round_idx, student.name, loss_pre, loss_post)
+            steps[student.index] = ClientStep(
+                role="student", partner=teacher.name, reward=reward, bytes_received=nbytes,
+                kd_loss=kd.mean_loss if kd.steps and math.isfinite(kd.mean_loss) else None)
+            logger.info("%s round=%d %s -> %s items=%d blocked=%d bytes=%d loss %.4f -> %.4f reward=%s",
+                        self.name, ctx.round_idx, teacher.name, student.name, len(kept), guard.blocked, nbytes,
+                        loss_pre, loss_post, "none" if reward is None else f"{reward:+.4f}")
+        return steps
+
+    def save(self, directory: Path) -> None:
+        from knexa_cpm.state import save_state
+
+        save_state(Path(directory) / _STATE_DIR, {"policy": self.policy.state_dict(), "settings": self.settings})
+
+    def load(self, directory: Path) -> None:
+        """Restore the matchmaker (bandit, reward statistics, RNG) saved after a round.
+
+        Raises:
+            ValueError: no saved policy there, or it belongs to another policy/context.
+        """
+        from knexa_cpm.state import load_state
+
+        state = load_state(Path(directory) / _STATE_DIR)
+        if state is None:
+            raise ValueError(f"{self.name}: no saved policy in {directory}")
+        self.policy.load_state_dict(state["policy"])
+
+
+class RandomP2P(PeerToPeer):
+    name: ClassVar[str] = "random-p2p"
+    policy_name: ClassVar[str] = "random"
+
+
+class HeuristicP2P(PeerToPeer):
+    name: ClassVar[str] = "heuristic-p2p"
+    policy_name: ClassVar[str] = "heuristic"
+
+
+class KnexaFL(PeerToPeer):
+    name: ClassVar[str] = "knexa-fl"
+    policy_name: ClassVar[str] = "linucb"
+    context: ClassVar[str] = "interaction"
+
+
+class KnexaFLConcat(PeerToPeer):
+    name: ClassVar[str] = "knexa-fl-concat"
+    policy_name: ClassVar[str] = "linucb"
+    context: ClassVar[str] = "concat"

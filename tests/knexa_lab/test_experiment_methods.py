@@ -1,0 +1,113 @@
+"""FedAvg's averaging and its refusal to mix architectures; the P2P matchmaker's saved state."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from knexa_lab.experiment.methods.fedavg import ArchitectureMismatch, FedAvg, average_adapters
+from knexa_lab.experiment.methods.p2p import KnexaFL, KnexaFLConcat, RandomP2P, policy_seed
+
+from .conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def clients(tmp_path_factory, model_cache):
+    """tiny-gpt2, tiny-llama, tiny-gpt2 on one split, as the engine builds them."""
+    from knexa_lab.experiment.engine import build_clients, prepare_split
+
+    cfg = tiny_config()
+    data = prepare_split(cfg, 1, tmp_path_factory.mktemp("split"))
+    return build_clients(cfg, 1, data, model_cache)
+
+
+def _adapter(client):
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(client.backend.model).items()}
+
+
+def _fill(client, value):
+    with torch.no_grad():
+        for p in client.backend.model.parameters():
+            if p.requires_grad:
+                p.fill_(value)
+
+
+def test_fedavg_refuses_to_average_across_architectures(clients, tmp_path):
+    with pytest.raises(ArchitectureMismatch, match=r"client-0 \(tiny-gpt2, gpt2\).*client-1 \(tiny-llama, llama\)"):
+        average_adapters([clients[0], clients[1]])
+    with pytest.raises(ArchitectureMismatch, match="one model only"):
+        FedAvg().setup(clients, {"groups": [[0, 1]]}, tmp_path)
+
+
+@pytest.mark.parametrize(("settings", "needle"), [
+    ({"groups": [[0, 2], [2]]}, "disjoint"),
+    ({"groups": [[0, 7]]}, "client indices"),
+    ({"weights": "uniform"}, "unknown settings"),
+])
+def test_fedavg_bad_settings(clients, tmp_path, settings, needle):
+    with pytest.raises(ValueError, match=needle):
+        FedAvg().setup(clients, settings, tmp_path)
+
+
+def test_fedavg_weighted_average_of_a_same_model_group(clients, tmp_path):
+    a, b, lone = clients[0], clients[2], clients[1]
+    base = [c.backend.base_fingerprint() for c in clients]
+    lone_before = _adapter(lone)
+    _fill(a, 1.0)
+    _fill(b, 5.0)
+    size = average_adapters([a, b], weights=[1.0, 3.0])
+    for state in (_adapter(a), _adapter(b)):
+        for t in state.values():
+            assert torch.allclose(t, torch.full_like(t, 0.25 * 1.0 + 0.75 * 5.0))
+    assert size == sum(t.numel() * t.element_size() for t in _adapter(a).values()) > 0
+
+    method = FedAvg()
+    method.setup(clients, {}, tmp_path)
+    assert method.groups == [[0, 2]]  # grouped by model; tiny-llama alone
+    _fill(a, 2.0)
+    _fill(b, 4.0)
+    steps = method.communicate(SimpleNamespace(clients=clients))
+    n_a, n_b = len(a.backend.data.train), len(b.backend.data.train)
+    expect = (n_a * 2.0 + n_b * 4.0) / (n_a + n_b)  # weighted by training-set size
+    assert all(torch.allclose(t, torch.full_like(t, expect)) for t in _adapter(b).values())
+    assert set(steps) == {0, 2} and steps[0].role == "aggregated" and steps[0].bytes_received == size
+    assert all(torch.equal(lone_before[k], v) for k, v in _adapter(lone).items())
+    assert [c.backend.base_fingerprint() for c in clients] == base
+
+
+def test_p2p_matchmaker_state_survives_save_and_load(tmp_path):
+    fake = [SimpleNamespace(seed=1000 + i) for i in range(4)]
+    rng = np.random.default_rng(0)
+    method = KnexaFL()
+    method.setup(fake, {"beta0": 0.5}, tmp_path)
+    profiles = rng.random((4, 32))
+    profiles[:, :8] = np.eye(4, 8)
+    for _ in range(3):
+        method.policy.observe(profiles[0], profiles[1], float(rng.normal()))
+    method.save(tmp_path)
+    again = KnexaFL()
+    again.setup(fake, {"beta0": 0.5}, tmp_path)
+    again.load(tmp_path)
+    assert again.policy.select(profiles, 3) == method.policy.select(profiles, 3)
+    assert again.policy.bandit.n_updates == 3
+    concat = KnexaFLConcat()
+    concat.setup(fake, {}, tmp_path)
+    with pytest.raises(ValueError, match="context"):
+        concat.load(tmp_path)  # a bandit learned on another context must not be loaded silently
+
+
+def test_p2p_policy_seed_follows_the_experiment_seed(tmp_path):
+    seeds_1 = [SimpleNamespace(seed=1000 + i) for i in range(3)]
+    seeds_2 = [SimpleNamespace(seed=2000 + i) for i in range(3)]
+    assert policy_seed([1000, 1001, 1002]) == policy_seed([1000, 1001, 1002]) != policy_seed([2000, 2001, 2002])
+    a, b = RandomP2P(), RandomP2P()
+    a.setup(seeds_1, {}, tmp_path)
+    b.setup(seeds_2, {}, tmp_path)
+    assert a.settings["seed"] != b.settings["seed"]
+    with pytest.raises(ValueError, match="unknown settings"):
+        RandomP2P().setup(seeds_1, {"bet0": 1.0}, tmp_path)
