@@ -78,6 +78,12 @@ class RoundMachine:
             return Reply(False, ReplyCode.UNAUTHORIZED, "peer not on the federation roster", self.round)
         if profile.federation != self.settings.federation:
             return Reply(False, ReplyCode.UNAUTHORIZED, "wrong federation", self.round)
+        if profile.round < self.round:
+            done = self.directives.get(profile.round)
+            if done is not None and sender in done.participants:
+                # a retry whose first reply was lost: the round closed with this node in it, so
+                # say OK for *that* round and let the node fetch its directive (idempotent)
+                return Reply(True, ReplyCode.OK, "already counted; round closed", profile.round)
         if profile.round != self.round:
             return Reply(False, ReplyCode.STALE_ROUND, f"round {self.round} is open", self.round)
         if not self.profiles:

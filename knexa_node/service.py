@@ -429,23 +429,17 @@ class NodeService:
         eps = self.cfg.profile_epsilon or None
         vector = sanitize_profile(vector, decimals=self.cfg.profile_decimals, epsilon=eps, rng=self._rng)
         self.phase = "profile"
-        while True:
-            reply = await self.submit(host, Profile(self.cfg.federation, self.round, self.me, tuple(map(float, vector))))
-            if reply.ok:
-                break
-            if reply.code == ReplyCode.STALE_ROUND and reply.round != self.round:
-                logger.info("CPM has round %d open (we were at %d); catching up", reply.round, self.round)
-                self.round = reply.round
-                continue
-            raise UnauthorizedError(f"CPM refused our profile: {reply.code} {reply.detail}")
+        accepted = await self._submit_profile(host, vector)
         entry: dict[str, Any] = {
             "round": self.round, "node": peer_id_str(self.me), "model": self.backend.model_name,
             "family": self.backend.family, "train_loss": train.mean_loss, "val_loss": ev.val_loss,
             "perplexity": ev.perplexity, "pass_at_1": ev.pass_at_1, "codebleu": ev.codebleu,
             "role": "idle", "partner": None,
         }
-        with self._phase("wait_directive"):
-            directive = await self.wait_directive(host, self.round)
+        directive = None
+        if accepted:
+            with self._phase("wait_directive"):
+                directive = await self.wait_directive(host, self.round)
         if directive is None:
             logger.warning("no directive for round=%d within %.0fs; skipping", self.round, self.cfg.directive_timeout_s)
             entry["role"] = "no_directive"
@@ -468,6 +462,30 @@ class NodeService:
         self.metrics.round.set(self.round)
         self.metrics.round_seconds.observe(time.time() - t0)
         self._notify_status()
+
+    async def _submit_profile(self, host: P2PHost, vector: np.ndarray) -> bool:
+        """Send this round's profile; False when the CPM stayed behind us for directive_timeout_s.
+
+        Catch up only forward: if the CPM has a later round open we jump to it; if it is still
+        on an earlier one (we moved on after a directive timeout) we keep our round number and
+        resubmit until it gets here, so a round number is never run twice.
+        """
+        deadline = trio.current_time() + self.cfg.directive_timeout_s
+        while True:
+            profile = Profile(self.cfg.federation, self.round, self.me, tuple(map(float, vector)))
+            reply = await self.submit(host, profile)
+            if reply.ok:
+                return True
+            if reply.code != ReplyCode.STALE_ROUND:
+                raise UnauthorizedError(f"CPM refused our profile: {reply.code} {reply.detail}")
+            if reply.round > self.round:
+                logger.info("CPM has round %d open (we were at %d); catching up", reply.round, self.round)
+                self.round = reply.round
+                continue
+            if trio.current_time() > deadline:
+                logger.warning("CPM still at round=%d, we are at round=%d; skipping", reply.round, self.round)
+                return False
+            await trio.sleep(self.cfg.directive_poll_s)
 
     async def _teach(self, host: P2PHost, directive: MatchDirective, student: bytes, did: bytes) -> dict[str, Any]:
         self.metrics.matches.labels("teacher").inc()

@@ -90,6 +90,7 @@ class P2PHost:
             info = info_from_p2p_addr(multiaddr.Multiaddr(maddr))
         except Exception as exc:  # multiaddr raises a zoo of types for bad text
             raise DialError(f"invalid multiaddr {maddr!r}: {exc}") from exc
+        self._forget_failures(info.peer_id)
         with trio.move_on_after(timeout) as scope:
             try:
                 await self._host.connect(info)
@@ -98,6 +99,14 @@ class P2PHost:
         if scope.cancelled_caught:
             raise DialError(f"cannot reach {maddr}: timed out after {timeout:.0f}s")
         return info.peer_id.to_bytes()
+
+    def _forget_failures(self, peer: ID) -> None:
+        """Drop py-libp2p's 60 s negative dial cache for `peer`: our callers run their own
+        backoff, and a restarted CPM or peer must be reachable on the next try, not a minute
+        later (seen in tests/faults: nodes cut off for ~60 s after a CPM restart)."""
+        unblock = getattr(self._host.get_network(), "unblock_peer", None)
+        if unblock is not None:
+            unblock(peer)
 
     def is_connected(self, peer: bytes) -> bool:
         return bool(self._host.get_network().get_connections(ID(peer)))
@@ -127,6 +136,7 @@ class P2PHost:
         self._host.set_stream_handler(TProtocol(protocol), _handle)
 
     async def open_stream(self, peer: bytes, protocol: str, *, timeout: float = 10.0) -> FramedStream:
+        self._forget_failures(ID(peer))
         with trio.move_on_after(timeout):
             try:
                 stream = await self._host.new_stream(ID(peer), [TProtocol(protocol)])
