@@ -128,6 +128,8 @@ class NodeService:
         self._directive_events: dict[int, trio.Event] = {}
         self._inbox: dict[bytes, tuple[PackageBody, int]] = {}
         self._inbox_events: dict[bytes, trio.Event] = {}
+        self._inbox_round: dict[bytes, int] = {}
+        self._waiting: set[bytes] = set()
         self._ml = trio.CapacityLimiter(1)
         self._rng = np.random.default_rng(int.from_bytes(self.me[-8:], "big"))
         state = self._load_state()
@@ -345,6 +347,7 @@ class NodeService:
             return
         self.metrics.bytes_received.inc(len(raw))
         self._inbox[sealed.directive_id] = (body, len(raw))
+        self._inbox_round[sealed.directive_id] = sealed.round
         self._inbox_events.setdefault(sealed.directive_id, trio.Event()).set()
         logger.info("package received from=%s round=%d items=%d bytes=%d", short(peer), sealed.round,
                     len(body.items), len(raw))
@@ -453,10 +456,12 @@ class NodeService:
         entry["seconds"] = round(time.time() - t0, 2)
         with self._phase("checkpoint"):
             await self._save_checkpoint()
-        self._record(entry)
+        # counter first: a kill between the two loses a log line, never re-runs a round
         self.round += 1
         self.completed += 1
         self._save_state()
+        self._record(entry)
+        self._prune()
         self.last_rounds.append(self._round_summary(entry))
         self.metrics.rounds.inc()
         self.metrics.round.set(self.round)
@@ -515,13 +520,19 @@ class NodeService:
         out: dict[str, Any] = {"role": "student", "partner": peer_id_str(teacher)}
         self.metrics.matches.labels("student").inc()
         event = self._inbox_events.setdefault(did, trio.Event())
-        with self._phase("learn_wait_package"), trio.move_on_after(self.cfg.package_timeout_s):
-            await event.wait()
+        self._waiting.add(did)
+        try:
+            with self._phase("learn_wait_package"), trio.move_on_after(self.cfg.package_timeout_s):
+                await event.wait()
+        finally:
+            self._waiting.discard(did)
         if did not in self._inbox:
             logger.warning("no package from teacher=%s round=%d; no reward reported", short(teacher), directive.round)
             out["error"] = "package timeout"
             return out
         body, nbytes = self._inbox.pop(did)
+        self._inbox_round.pop(did, None)
+        self._inbox_events.pop(did, None)
         answers = [Answer(i.task_id, i.text) for i in body.items]
         atomic_write_json(self.state_dir / "received" / f"round-{directive.round:04d}.json",
                           {"teacher": peer_id_str(teacher), "items": [[a.task_id, a.text] for a in answers]})
@@ -549,6 +560,20 @@ class NodeService:
             "base_before": base_before, "base_after": self.backend.base_fingerprint(),
         })
         return out
+
+    def _prune(self, keep: int = 2) -> None:
+        """Forget per-round bookkeeping older than `keep` rounds: a daemon runs for weeks."""
+        horizon = self.round - keep
+        for book in (self._directives, self._directive_events, self.directive_source):
+            for r in [r for r in book if r < horizon]:
+                del book[r]
+        for did in [d for d, r in self._inbox_round.items() if r < horizon]:
+            self._inbox.pop(did, None)
+            self._inbox_events.pop(did, None)
+            del self._inbox_round[did]
+        # events created by a student that waited in vain (no package ever arrived)
+        for did in [d for d in self._inbox_events if d not in self._inbox_round and d not in self._waiting]:
+            del self._inbox_events[did]
 
     def _notify_status(self) -> None:
         self.notifier.status(f"round {self.round} ({self.completed} completed this run), phase {self.phase}")
