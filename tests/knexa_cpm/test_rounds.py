@@ -93,3 +93,14 @@ def test_state_round_trip_is_exact():
     restored = RoundMachine.from_state(m.settings, m.to_state())
     assert restored.to_state() == m.to_state()
     assert restored.directive_for(0) == m.directive_for(0)
+
+
+def test_a_participants_resent_profile_is_acknowledged_for_its_closed_round():
+    """The first ack was lost: the node must learn its round closed with it, not skip the round."""
+    m = machine()
+    for i, n in enumerate(NODES[:2]):
+        m.submit_profile(n, prof(n), now=float(i))
+    m.close_round(11.0, pair_first_two, ids())
+    again = m.submit_profile(NODES[0], prof(NODES[0], round_=0), now=12.0)
+    assert again.ok and again.round == 0 and m.round == 1
+    assert NODES[0] not in m.profiles, "the resend is not counted again in the open round"
