@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -124,17 +123,10 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from knexa_runtime.control import CONTROL_SOCKET, ControlError, query
-    from knexa_runtime.status import format_status
+    from knexa_runtime.status import print_status
 
-    try:
-        state_dir = args.state_dir or load_config(CpmConfig, args.config).cpm.state_dir
-        answer = query(Path(state_dir) / CONTROL_SOCKET)
-    except (ControlError, ConfigError) as exc:
-        print(f"knexa-cpm: {exc}", file=sys.stderr)
-        return ExitCode.NETWORK
-    print(json.dumps(answer, indent=2) if args.json else format_status(answer))
-    return ExitCode.OK
+    return print_status(lambda: args.state_dir or load_config(CpmConfig, args.config).cpm.state_dir,
+                        as_json=args.json, prog="knexa-cpm", error_code=ExitCode.NETWORK)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-__all__ = ["format_status"]
+__all__ = ["format_status", "print_status"]
 
 _ORDER = ("daemon", "health", "peer", "federation", "model", "policy", "round", "completed", "phase",
           "uptime_s", "peers", "metrics_port")
@@ -28,3 +32,21 @@ def format_status(answer: dict[str, Any]) -> str:
         for r in rounds:
             lines.append("  " + "  ".join(f"{k}={_fmt(v)}" for k, v in r.items()))
     return "\n".join(lines)
+
+
+def print_status(state_dir_of: Callable[[], Path], *, as_json: bool, prog: str, error_code: int) -> int:
+    """`<daemon> status`: ask the daemon over its control socket and print the answer.
+
+    ``state_dir_of`` resolves the state directory (from a flag or the config file) and may raise
+    ConfigError; it and every control-socket failure become one line on stderr and ``error_code``.
+    """
+    from .config import ConfigError
+    from .control import CONTROL_SOCKET, ControlError, query
+
+    try:
+        answer = query(Path(state_dir_of()) / CONTROL_SOCKET)
+    except (ControlError, ConfigError) as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return error_code
+    print(json.dumps(answer, indent=2) if as_json else format_status(answer))
+    return 0

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import tomli_w
 
 from knexa_lab.procs import Child, spawn
+from tests.support.procs import processes_mentioning
 
 __all__ = [
     "Daemon",
@@ -56,22 +57,6 @@ FAST_NODE: dict[str, Any] = {
 
 class DaemonDied(AssertionError):
     """A daemon exited while the test was waiting for something it should have done."""
-
-
-def processes_mentioning(needle: str) -> list[int]:
-    """PIDs of live processes whose command line contains `needle` (zombies excluded)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (entry / "stat").read_text().split(")")[-1].split()[0]
-        except OSError:
-            continue
-        if needle in cmd and state != "Z":
-            pids.append(int(entry.name))
-    return pids
 
 
 def rss_kib(pid: int) -> int | None:
