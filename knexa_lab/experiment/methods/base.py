@@ -13,7 +13,7 @@ Everything a method needs to resume after a crash goes through :meth:`Method.sav
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from knexa_node.backend import Answer, EvalReport
     from knexa_node.torch_backend import TorchBackend
 
-__all__ = ["METRIC_FIELDS", "Client", "ClientStep", "Method", "RoundContext", "package_bytes"]
+__all__ = ["METRIC_FIELDS", "Client", "ClientStep", "Method", "RoundContext", "check_settings", "package_bytes"]
 
 #: Columns of ``metrics.jsonl`` / ``metrics.csv``: one row per (method, seed, round, client).
 #: ``round`` counts completed rounds from 1; Pass@5/10 are None unless sampled that round;
@@ -111,3 +111,11 @@ def package_bytes(answers: Sequence[Answer]) -> int:
     from protocol import PackageBody, PackageItem, encode
 
     return len(encode(PackageBody(items=tuple(PackageItem(a.task_id, a.text) for a in answers), blocked=0)))
+
+
+def check_settings(method: str, settings: Mapping[str, Any], known: Iterable[str]) -> None:
+    """Refuse a ``[methods.<name>]`` key the method does not know (a typo must not be ignored)."""
+    known = sorted(known)
+    unknown = sorted(set(settings) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {method} settings {unknown}; known: {', '.join(known)}")

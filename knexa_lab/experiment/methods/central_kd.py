@@ -59,7 +59,7 @@ import numpy as np
 from knexa_node.backend import Answer
 from knexa_node.training import Example, a_kd_schedule
 
-from .base import Client, ClientStep, RoundContext, package_bytes
+from .base import Client, ClientStep, RoundContext, check_settings, package_bytes
 from .logit_kd import (
     answer_logprobs,
     distill_logits,
@@ -93,10 +93,7 @@ class CentralKDSettings:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> CentralKDSettings:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown central-kd settings {unknown}; known: {', '.join(sorted(known))}")
+        check_settings("central-kd", data, (f.name for f in fields(cls)))
         return cls(**dict(data))
 
 

@@ -39,7 +39,7 @@ from knexa_node.backend import Answer
 from knexa_node.data import NodeData
 from knexa_node.models import LoraSettings, ModelSpec, default_cache_dir, load_model, resolve_model
 
-from .base import Client, ClientStep, RoundContext, package_bytes
+from .base import Client, ClientStep, RoundContext, check_settings, package_bytes
 from .central_kd import transfer_set
 from .logit_kd import answer_logprobs, encode_completions, weighted_vote
 
@@ -66,10 +66,7 @@ class FedIDSettings:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> FedIDSettings:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown fedid-centralkd settings {unknown}; known: {', '.join(sorted(known))}")
+        check_settings("fedid-centralkd", data, (f.name for f in fields(cls)))
         return cls(**dict(data))
 
 

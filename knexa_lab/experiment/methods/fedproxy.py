@@ -68,7 +68,7 @@ from ..proxy import (
     plug_in,
     ties_merge,
 )
-from .base import Client, ClientStep, RoundContext
+from .base import Client, ClientStep, RoundContext, check_settings
 
 __all__ = ["FedProxy", "FedProxySettings", "private_examples"]
 
@@ -84,9 +84,7 @@ class FedProxySettings:
     KNOWN: ClassVar[tuple[str, ...]] = ("stride", "keep_layers", "trim_frac", "epochs")
 
     def __init__(self, settings: Mapping[str, Any]) -> None:
-        unknown = sorted(set(settings) - set(self.KNOWN))
-        if unknown:
-            raise ValueError(f"unknown fedproxy settings {unknown}; known: {', '.join(self.KNOWN)}")
+        check_settings("fedproxy", settings, self.KNOWN)
         self.stride = int(settings.get("stride", 2))
         keep = settings.get("keep_layers")
         self.keep_layers = None if keep is None else int(keep)
