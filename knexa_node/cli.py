@@ -116,8 +116,6 @@ def _validate(cfg: NodeConfig) -> None:
 
 
 async def _run(args: argparse.Namespace, cfg: NodeConfig) -> None:
-    from functools import partial
-
     from knexa_p2p.identity import load_or_create_identity, load_or_create_kem_key
     from knexa_runtime.daemon import supervise
 
@@ -135,7 +133,7 @@ async def _run(args: argparse.Namespace, cfg: NodeConfig) -> None:
     def reload() -> None:
         svc.reload(_node_config(args).node)
 
-    await supervise(partial(svc.run), name="knexa-node", reload=reload, logger=logger, notifier=svc.notifier)
+    await supervise(svc.run, name="knexa-node", reload=reload, logger=logger, notifier=svc.notifier)
 
 
 def _init(args: argparse.Namespace) -> int:

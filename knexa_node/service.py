@@ -65,7 +65,7 @@ from .errors import UnreachableError
 from .profile import PerfPoint, build_profile, sanitize_profile
 from .reward import compute_reward
 
-__all__ = ["RELOADABLE", "NodeService", "run_node"]
+__all__ = ["RELOADABLE", "NodeService"]
 
 logger = logging.getLogger("knexa_node")
 STATE_FILE = "node-state.json"
@@ -611,9 +611,3 @@ class NodeService:
         finally:
             self.host = None
             self.metrics.close()
-
-
-async def run_node(cfg: NodeSection, backend: ModelBackend, identity: Identity, kem_key: Any,
-                   *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    svc = NodeService(cfg, backend, identity, kem_key)
-    await svc.run(task_status=task_status)

@@ -77,7 +77,6 @@ def diff_settings(old: Any, new: Any, reloadable: Iterable[str]) -> tuple[dict[s
 
 async def supervise(start: Callable[..., Awaitable[None]], *, name: str, logger: logging.Logger,
                     reload: Callable[[], None] | None = None,
-                    on_listening: Callable[[list[str]], None] | None = None,
                     notifier: Notifier | None = None) -> None:
     """Run `start(task_status=...)` until it returns or a stop signal arrives."""
     notifier = notifier or Notifier()
@@ -91,8 +90,6 @@ async def supervise(start: Callable[..., Awaitable[None]], *, name: str, logger:
             addrs = await nursery.start(main_then_stop)
             for a in addrs:
                 print(f"{name} listening on {a}", flush=True)
-            if on_listening is not None:
-                on_listening(addrs)
             notifier.ready(f"listening on {addrs[0] if addrs else '?'}")
             nursery.start_soon(notifier.watchdog)
             async for signum in signals:
