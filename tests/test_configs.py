@@ -34,3 +34,16 @@ def test_all_errors_reported_at_once(tmp_path):
     bad.write_text("[cpm\n")
     with pytest.raises(ConfigError, match="invalid TOML"):
         load_config(CpmConfig, bad)
+
+
+def test_operations_settings_are_validated():
+    with pytest.raises(ConfigError) as info:
+        load_config(NodeConfig, None, {"node": {"log_format": "xml", "metrics_listen": "9102",
+                                                "log_level": "LOUD"}})
+    text = str(info.value)
+    assert "log_format must be text or json" in text and "metrics_listen: expected HOST:PORT" in text
+    assert "log_level must be one of" in text
+    with pytest.raises(ConfigError, match="metrics_listen"):
+        load_config(CpmConfig, None, {"cpm": {"metrics_listen": "localhost:99999"}})
+    cfg = load_config(CpmConfig, None, {"cpm": {"metrics_listen": "127.0.0.1:0", "log_format": "json"}})
+    assert cfg.cpm.metrics_listen == "127.0.0.1:0"
