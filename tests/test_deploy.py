@@ -69,3 +69,19 @@ def test_systemd_analyze_verify(tmp_path):
     proc = subprocess.run(["systemd-analyze", "verify", *units], capture_output=True, text=True, timeout=60)
     ours = [line for line in (proc.stdout + proc.stderr).splitlines() if str(tmp_path) in line]
     assert proc.returncode == 0 and not ours, "\n".join(ours) or proc.stderr
+
+
+def test_node_start_refuses_a_broken_roster_file_before_loading_anything(tmp_path, capsys):
+    from knexa_node.cli import main as node_main
+    from knexa_node.errors import ExitCode
+    from knexa_p2p.identity import Identity
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text("")
+    (tmp_path / "roster.toml").write_text('[[peer]]\nid = "not-a-peer"\n')
+    cpm = f"/ip4/127.0.0.1/tcp/4001/p2p/{Identity.from_seed(b'c' * 32).peer_id}"
+    code = node_main(["start", "--cpm", cpm, "--data", str(tmp_path / "data"), "--state-dir", str(tmp_path / "s"),
+                      "--roster-file", str(tmp_path / "roster.toml")])
+    assert code == ExitCode.CONFIG
+    assert "not an Ed25519 peer id" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists(), "nothing is created for a config that cannot run"
