@@ -1,22 +1,28 @@
-"""A py-libp2p host configured for KNEXA: Noise + Yamux only, and GossipSub for small meshes.
+"""A py-libp2p host configured for KNEXA: Noise + Yamux only, members only, GossipSub for small meshes.
 
 Why explicit options: py-libp2p's default host also offers `/plaintext/2.0.0`, which lets a
-client claim any peer id without its key; Mplex deadlocked under concurrent streams; the default
-GossipSub heartbeat is 120 s and adaptive gossip stretched it to 30-60 s in small meshes; mesh
-degree bounds larger than the peer count collapsed the mesh in GRAFT/PRUNE storms.
+client claim any peer id without its key; `create_yamux_muxer_option()` also offers Mplex, which
+deadlocked under concurrent streams (and a Mplex-only client connected); the default GossipSub
+heartbeat is 120 s and adaptive gossip stretched it to 30-60 s in small meshes; mesh degree bounds
+larger than the peer count collapsed the mesh in GRAFT/PRUNE storms.
+
+Members only: a `MemberGate` is checked inside the security transport, right after the Noise
+handshake has authenticated the remote peer id and before the muxer is negotiated, so a
+non-member never gets a stream, an identify exchange or a pubsub subscription.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import multiaddr
 import trio
-from libp2p import create_yamux_muxer_option, new_host
-from libp2p.abc import IHost, INetStream, ISubscriptionAPI
+from libp2p import new_host
+from libp2p.abc import IHost, INetStream, IRawConnection, ISecureConn, ISubscriptionAPI
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.exceptions import BaseLibp2pError
@@ -24,18 +30,25 @@ from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.pubsub.gossipsub import GossipSub
+from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
+from libp2p.security.exceptions import HandshakeFailure
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service.context import background_trio_service
 
 from .identity import Identity
 from .streams import FramedStream, StreamBroken
 
-__all__ = ["DialError", "GossipSettings", "P2PHost", "open_host"]
+__all__ = ["MUXER_PROTOCOLS", "SECURITY_PROTOCOLS", "DialError", "GossipSettings", "MemberGate", "P2PHost", "open_host"]
 
 logger = logging.getLogger(__name__)
 GOSSIPSUB_PROTOCOLS = [TProtocol("/meshsub/1.1.0"), TProtocol("/meshsub/1.0.0")]
+#: the only protocols a KNEXA host offers at each upgrade step (tests/knexa_p2p/test_transport_protocols.py)
+SECURITY_PROTOCOLS = (str(NOISE_PROTOCOL_ID),)
+MUXER_PROTOCOLS = (str(YAMUX_PROTOCOL_ID),)
 
 
 class DialError(Exception):
@@ -63,13 +76,99 @@ class GossipSettings:
         )
 
 
+class MemberGate:
+    """Decides who may hold a connection to this host; counts refusals by reason.
+
+    `is_member` is called with the authenticated peer id (bytes) of every new connection, in both
+    directions, so a daemon that reloads its roster changes the answer at once (no restart).
+    `on_refused(reason, peer)` lets the daemon feed its own metrics.
+    """
+
+    def __init__(self, is_member: Callable[[bytes], bool],
+                 on_refused: Callable[[str, bytes], None] | None = None) -> None:
+        self.is_member = is_member
+        self.on_refused = on_refused
+        self.refused: Counter[str] = Counter()
+
+    def check(self, peer: bytes, *, direction: str, remote: str) -> str | None:
+        """None if `peer` may stay connected, else the reason (after one log line)."""
+        try:
+            ok = self.is_member(peer)
+        except Exception:  # a broken predicate must fail closed, not kill the listener
+            logger.exception("membership check failed for peer=%s; refusing", ID(peer))
+            ok = False
+        if ok:
+            return None
+        reason = "not_member"
+        self.refused[reason] += 1
+        logger.warning("refused connection peer=%s direction=%s remote=%s reason=%s", ID(peer), direction,
+                       remote, reason, extra={"event": "connection_refused", "peer": str(ID(peer)), "reason": reason})
+        if self.on_refused is not None:
+            self.on_refused(reason, peer)
+        return reason
+
+
+def _remote_text(conn: IRawConnection) -> str:
+    try:
+        addr = conn.get_remote_address()
+    except Exception:
+        return "?"
+    return f"{addr[0]}:{addr[1]}" if addr else "?"
+
+
+class _GatedNoise(NoiseTransport):
+    """Noise, plus the membership check the moment the remote peer id is authenticated."""
+
+    def __init__(self, *args: object, gate: MemberGate | None, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._gate = gate
+
+    async def _admit(self, conn: IRawConnection, secure: ISecureConn, direction: str) -> ISecureConn:
+        if self._gate is None:
+            return secure
+        peer = secure.get_remote_peer()
+        reason = self._gate.check(peer.to_bytes(), direction=direction, remote=_remote_text(conn))
+        if reason is None:
+            return secure
+        try:
+            await secure.close()
+        except Exception:  # already gone is fine: we are refusing it anyway
+            logger.debug("closing a refused connection failed", exc_info=True)
+        raise HandshakeFailure(f"peer {peer} refused: {reason}")
+
+    async def secure_inbound(self, conn: IRawConnection) -> ISecureConn:
+        return await self._admit(conn, await super().secure_inbound(conn), "inbound")
+
+    async def secure_outbound(self, conn: IRawConnection, peer_id: ID) -> ISecureConn:
+        return await self._admit(conn, await super().secure_outbound(conn, peer_id), "outbound")
+
+
 class P2PHost:
     """What a KNEXA daemon needs from libp2p, and nothing it should not touch."""
 
-    def __init__(self, host: IHost, identity: Identity, pubsub: Pubsub | None) -> None:
+    def __init__(self, host: IHost, identity: Identity, pubsub: Pubsub | None,
+                 gate: MemberGate | None = None) -> None:
         self._host = host
         self.identity = identity
         self._pubsub = pubsub
+        self.gate = gate
+
+    def offered_protocols(self) -> dict[str, list[str]]:
+        """What this host offers at the security and muxer negotiation steps, in order."""
+        upgrader = self._host.get_network().upgrader  # type: ignore[attr-defined]
+        return {"security": [str(p) for p in upgrader.security_multistream.transports],
+                "muxer": [str(p) for p in upgrader.muxer_multistream.transports]}
+
+    async def enforce_membership(self) -> list[bytes]:
+        """Close connections to peers the gate no longer admits (after a roster reload)."""
+        if self.gate is None:
+            return []
+        dropped = []
+        for peer in self._host.get_connected_peers():
+            if self.gate.check(peer.to_bytes(), direction="existing", remote="-") is not None:
+                await self._host.get_network().close_peer(peer)
+                dropped.append(peer.to_bytes())
+        return dropped
 
     @property
     def peer_id(self) -> bytes:
@@ -155,6 +254,25 @@ class P2PHost:
             raise RuntimeError("pubsub disabled on this host")
         await self._pubsub.publish(topic, data)
 
+    def set_topic_validator(self, topic: str, valid: Callable[[bytes, bytes], bool]) -> None:
+        """Only messages for which `valid(origin_peer, data)` is True are delivered or relayed.
+
+        py-libp2p runs it on every received and every own message before marking it seen, so a
+        message that fails is neither handed to subscribers nor forwarded to mesh peers.
+        A validator that raises counts as a rejection.
+        """
+        if self._pubsub is None:
+            raise RuntimeError("pubsub disabled on this host")
+
+        def _validator(forwarder: ID, msg: rpc_pb2.Message) -> bool:
+            try:
+                return bool(valid(bytes(msg.from_id), bytes(msg.data)))
+            except Exception:
+                logger.exception("topic validator for %s failed; rejecting", topic)
+                return False
+
+        self._pubsub.set_topic_validator(topic, _validator, False)
+
     def topic_peers(self, topic: str) -> int:
         if self._pubsub is None:
             return 0
@@ -167,17 +285,21 @@ async def open_host(
     listen: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
     *,
     gossip: GossipSettings | None = None,
+    gate: MemberGate | None = None,
 ) -> AsyncIterator[P2PHost]:
-    """Run a libp2p host until the context exits, then close it (shielded) so no task leaks."""
+    """Run a libp2p host until the context exits, then close it (shielded) so no task leaks.
+
+    With a `gate`, only peers it admits keep a connection (checked after the Noise handshake).
+    """
     try:
         listen_addrs = [multiaddr.Multiaddr(a) for a in listen]
     except Exception as exc:
         raise DialError(f"invalid listen multiaddr {list(listen)}: {exc}") from exc
-    noise = NoiseTransport(identity.key_pair, noise_privkey=create_x25519_key_pair().private_key)
+    noise = _GatedNoise(identity.key_pair, noise_privkey=create_x25519_key_pair().private_key, gate=gate)
     host = new_host(
         key_pair=identity.key_pair,
         sec_opt={TProtocol(NOISE_PROTOCOL_ID): noise},
-        muxer_opt=create_yamux_muxer_option(),
+        muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
         listen_addrs=listen_addrs,
         # one connection per peer (the default cost ~250 ms per connect); no auto-dial storm to
         # reach 50 connections: daemons dial exactly the peers they need (keep_connected).
@@ -199,12 +321,12 @@ async def open_host(
     try:
         async with host.run(listen_addrs=listen_addrs):
             if pubsub is None or gossipsub is None:
-                yield P2PHost(host, identity, None)
+                yield P2PHost(host, identity, None, gate)
             else:
                 async with background_trio_service(pubsub), background_trio_service(gossipsub):
                     await pubsub.wait_until_ready()
                     try:
-                        yield P2PHost(host, identity, pubsub)
+                        yield P2PHost(host, identity, pubsub, gate)
                     finally:
                         seen = getattr(pubsub, "seen_messages", None)
                         stop = getattr(seen, "stop", None)
