@@ -51,6 +51,18 @@ SECURITY_PROTOCOLS = (str(NOISE_PROTOCOL_ID),)
 MUXER_PROTOCOLS = (str(YAMUX_PROTOCOL_ID),)
 
 
+def _route_library_logs() -> None:
+    """`import libp2p` sets its logger to propagate=False with no handler, so its warnings went to
+    Python's last-resort handler: bare, multi-line, without a timestamp. Send them to the daemon's
+    handlers (which fold them to one line) unless LIBP2P_DEBUG gave libp2p handlers of its own."""
+    lib = logging.getLogger("libp2p")
+    if not lib.handlers:
+        lib.propagate = True
+
+
+_route_library_logs()
+
+
 class DialError(Exception):
     """A peer could not be reached (bad address, nobody listening, handshake failed)."""
 
