@@ -15,7 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
-__all__ = ["Answer", "EvalReport", "GuardrailReport", "ModelBackend", "TrainReport"]
+__all__ = ["Answer", "Distillation", "EvalReport", "GuardrailReport", "ModelBackend", "TrainReport"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +26,19 @@ class TrainReport:
     examples: int
     mean_loss: float
     seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Distillation:
+    """A student's Eq. 2 steps on a package, and the validation loss with and without it.
+
+    ``loss_without`` is the counterfactual: the same steps from the same state without the
+    teacher's term. ``loss_without - loss_with`` is what the teacher caused (Eq. 3's dL).
+    """
+
+    report: TrainReport
+    loss_without: float
+    loss_with: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +108,14 @@ class ModelBackend(Protocol):
 
     def distill(self, answers: Sequence[Answer], round_idx: int, total_rounds: int) -> TrainReport:
         """Student side: AKD (SPEC Eq. 2) on the teacher's re-tokenized text answers."""
+        ...
+
+    def learn(self, answers: Sequence[Answer], round_idx: int, total_rounds: int) -> Distillation:
+        """Student side of a P2P exchange: Eq. 2 steps plus the counterfactual loss for Eq. 3."""
+        ...
+
+    def integrate_local(self, round_idx: int, total_rounds: int) -> TrainReport:
+        """The same Eq. 2 steps without a teacher (clients that are not students, equal budget)."""
         ...
 
     def adapter_fingerprint(self) -> str:

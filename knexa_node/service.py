@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import trio
 
-from knexa_p2p.host import DialError, GossipSettings, P2PHost, open_host
+from knexa_p2p.host import DialError, GossipSettings, MemberGate, P2PHost, open_host
 from knexa_p2p.identity import Identity
 from knexa_p2p.streams import FramedStream, StreamBroken
 from knexa_runtime.atomic import atomic_write_json
@@ -125,6 +125,9 @@ class NodeService:
         self.book = DirectiveBook()
         self.directive_source: dict[int, str] = {}
         self._directives: dict[int, MatchDirective] = {}
+        #: participants of directives the CPM signed: members the CPM admitted that our own
+        #: roster file may not list yet (a member added at the CPM reaches us within a round)
+        self._cpm_members: set[bytes] = set()
         self._directive_events: dict[int, trio.Event] = {}
         self._inbox: dict[bytes, tuple[PackageBody, int]] = {}
         self._inbox_events: dict[bytes, trio.Event] = {}
@@ -251,15 +254,44 @@ class NodeService:
             "last_rounds": list(self.last_rounds),
         }
 
+    # ---- membership -------------------------------------------------------------------
+    def is_member(self, peer: bytes) -> bool:
+        """The CPM, the roster (re-read on SIGHUP; empty = open), and anyone a CPM-signed directive
+        listed as a participant (the CPM only admits roster members to a round)."""
+        return (peer == self.cpm_peer or not self.roster or peer in self.roster or peer in self._cpm_members)
+
+    def gate(self) -> MemberGate:
+        """Non-members are disconnected right after the Noise handshake, counted by reason."""
+        return MemberGate(self.is_member, on_refused=lambda reason, _peer: self._reject("connection", reason))
+
+    def valid_directive_message(self, origin: bytes, data: bytes) -> bool:
+        """GossipSub topic validator: a message is delivered or relayed only if the CPM published it
+        and it is a directive signed by the CPM for our federation (stale rounds still pass: the
+        DirectiveBook drops them, and a relay must not depend on our own round)."""
+        try:
+            if origin != self.cpm_peer:
+                raise UnauthorizedError("not published by the CPM")
+            self._open_directive(decode(data, Signed, max_size=FRAME_CAPS["directive"]))
+        except RemoteProtocolError as exc:
+            self._reject("directive", exc.code)
+            logger.warning("dropped pubsub message origin=%s reason=%s detail=%s", short(origin), exc.code, exc)
+            return False
+        return True
+
     # ---- directives ---------------------------------------------------------------------
-    def _accept_directive(self, signed: Signed, source: str) -> MatchDirective | None:
+    def _open_directive(self, signed: Signed) -> MatchDirective:
         directive = open_signed(signed, MatchDirective, authenticated=self.cpm_peer, sender_of=lambda d: d.cpm)
         if directive.federation != self.cfg.federation:
             raise UnauthorizedError("directive for another federation")
+        return directive
+
+    def _accept_directive(self, signed: Signed, source: str) -> MatchDirective | None:
+        directive = self._open_directive(signed)
         if not self.book.add_directive(directive):
             return None
         self.directive_source[directive.round] = source
         self._directives[directive.round] = directive
+        self._cpm_members = {p for d in self._directives.values() for p in d.participants}
         self._directive_events.setdefault(directive.round, trio.Event()).set()
         logger.info("directive round=%d source=%s pairs=%d", directive.round, source, len(directive.pairs))
         return directive
@@ -397,6 +429,7 @@ class NodeService:
                     backoff[a] = min(backoff[a] * 2, 30.0)
                     logger.debug("dial %s failed (next try in %.1fs): %s", a, backoff[a], exc)
                 next_try[a] = trio.current_time() + backoff[a]
+            await host.enforce_membership()  # a SIGHUP that removed a member disconnects it here
             self.metrics.peers.set(len(host.connected_peers()))
             await trio.sleep(0.5)
 
@@ -417,6 +450,7 @@ class NodeService:
     # ---- rounds -------------------------------------------------------------------------
     async def run_round(self, host: P2PHost) -> None:
         t0 = time.time()
+        budget0 = self._budget()
         self.metrics.round.set(self.round)
         with self._phase("train"):
             train = await self._ml_call(self.backend.train_local_epoch, self.round)
@@ -453,7 +487,13 @@ class NodeService:
                     entry.update(await self._teach(host, directive, m.student, m.directive_id))
                 elif m.student == self.me:
                     entry.update(await self._learn(host, directive, m.teacher, m.directive_id, ev.val_loss))
+        if "val_loss_post" not in entry:
+            # equal budgets: whoever did not distil this round takes the same Eq. 2 steps without
+            # a teacher term (a student's counterfactual), so no role trains more than another
+            with self._phase("integrate_local"):
+                await self._ml_call(self.backend.integrate_local, self.round, max(self.cfg.rounds, 1))
         entry["seconds"] = round(time.time() - t0, 2)
+        entry["budget"] = {k: v - budget0.get(k, 0) for k, v in self._budget().items()}
         with self._phase("checkpoint"):
             await self._save_checkpoint()
         # counter first: a kill between the two loses a log line, never re-runs a round
@@ -491,6 +531,11 @@ class NodeService:
                 logger.warning("CPM still at round=%d, we are at round=%d; skipping", reply.round, self.round)
                 return False
             await trio.sleep(self.cfg.directive_poll_s)
+
+    def _budget(self) -> dict[str, int]:
+        """The backend's training/generation counters (empty for backends that keep none)."""
+        budget = getattr(self.backend, "budget", None)
+        return dict(budget()) if callable(budget) else {}
 
     async def _teach(self, host: P2PHost, directive: MatchDirective, student: bytes, did: bytes) -> dict[str, Any]:
         self.metrics.matches.labels("teacher").inc()
@@ -539,22 +584,26 @@ class NodeService:
         adapter_before = self.backend.adapter_fingerprint()
         base_before = self.backend.base_fingerprint()
         with self._phase("learn_distill"):
-            kd = await self._ml_call(self.backend.distill, answers, directive.round, max(self.cfg.rounds, 1))
-            loss_post = await self._ml_call(self.backend.validation_loss)
-        if not (math.isfinite(loss_pre) and math.isfinite(loss_post)):
-            logger.warning("non-finite validation loss (%s -> %s) round=%d; no reward reported",
-                           loss_pre, loss_post, directive.round)
+            learned = await self._ml_call(self.backend.learn, answers, directive.round, max(self.cfg.rounds, 1))
+        kd, loss_without, loss_post = learned.report, learned.loss_without, learned.loss_with
+        if not (math.isfinite(loss_without) and math.isfinite(loss_post)):
+            logger.warning("non-finite validation loss (%s without the teacher, %s with) round=%d; no reward "
+                           "reported", loss_without, loss_post, directive.round)
             out["error"] = "non-finite loss"
+            out["val_loss_post"] = loss_post
             return out
-        reward = compute_reward(loss_pre, loss_post, nbytes, gamma=self.cfg.reward_gamma, delta=self.cfg.reward_delta)
+        # Eq. 3 with a teacher-attributable dL: the loss the same steps reach without the
+        # teacher's term, minus the loss with it (docs/method.md, "Reward")
+        reward = compute_reward(loss_without, loss_post, nbytes, gamma=self.cfg.reward_gamma,
+                                delta=self.cfg.reward_delta)
         report = RewardReport(self.cfg.federation, directive.round, did, teacher, self.me, float(reward), nbytes)
         reply = await self.submit(host, report)
         if reply.ok:
             self.metrics.rewards.observe(reward)
-        logger.info("student round=%d teacher=%s loss %.4f -> %.4f reward=%.4f cpm=%s", directive.round,
-                    short(teacher), loss_pre, loss_post, reward, reply.code)
+        logger.info("student round=%d teacher=%s loss %.4f -> %.4f (without the teacher %.4f) reward=%.4f cpm=%s",
+                    directive.round, short(teacher), loss_pre, loss_post, loss_without, reward, reply.code)
         out.update({
-            "val_loss_pre": loss_pre, "val_loss_post": loss_post, "reward": reward, "package_bytes": nbytes,
+            "val_loss_pre": loss_pre, "val_loss_without": loss_without, "val_loss_post": loss_post, "reward": reward, "package_bytes": nbytes,
             "items": len(answers), "kd_loss": kd.mean_loss, "reward_ack": reply.code,
             "adapter_before": adapter_before, "adapter_after": self.backend.adapter_fingerprint(),
             "base_before": base_before, "base_after": self.backend.base_fingerprint(),
@@ -567,6 +616,7 @@ class NodeService:
         for book in (self._directives, self._directive_events, self.directive_source):
             for r in [r for r in book if r < horizon]:
                 del book[r]
+        self._cpm_members = {p for d in self._directives.values() for p in d.participants}
         for did in [d for d, r in self._inbox_round.items() if r < horizon]:
             self._inbox.pop(did, None)
             self._inbox_events.pop(did, None)
@@ -583,9 +633,10 @@ class NodeService:
             self.metrics_port = self.metrics.serve(*parse_hostport(self.cfg.metrics_listen))
         gossip = GossipSettings.for_size(len(self.roster) + 1 if self.roster else 5)
         try:
-            async with open_host(self.identity, self.cfg.listen, gossip=gossip) as host, \
+            async with open_host(self.identity, self.cfg.listen, gossip=gossip, gate=self.gate()) as host, \
                     trio.open_nursery() as nursery:
                 self.host = host
+                host.set_topic_validator(directive_topic(self.cfg.federation), self.valid_directive_message)
                 host.set_handler(KD_PROTOCOL, self.handle_kd)
                 await nursery.start(serve_control, self.state_dir / CONTROL_SOCKET, {"status": self.status})
                 task_status.started(host.addrs())

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .backend import Answer, EvalReport, GuardrailReport, TrainReport
+from .backend import Answer, Distillation, EvalReport, GuardrailReport, TrainReport
 from .categories import histogram
 from .data import NodeData, load_node_data
 from .generation import (
@@ -248,28 +248,76 @@ class TorchBackend:
     def validation_loss(self) -> float:
         return self.trainer.validation_loss(self._val)
 
-    def distill(self, answers: Sequence[Answer], round_idx: int, total_rounds: int) -> TrainReport:
-        """AKD (SPEC Eq. 2) on the teacher's text, re-tokenized with this node's tokenizer.
-
-        Prompts come from this node's own copy of X_u by task id (a teacher never chooses what
-        we train on); unknown ids and empty answers are dropped. ``total_rounds`` drives the
-        a_KD schedule when > 1, else ``cfg.total_rounds`` does (a service running open-ended).
-        """
-        t0 = time.perf_counter()
+    def _kd_pairs(self, answers: Sequence[Answer], round_idx: int) -> list[tuple[str, str]]:
+        """(prompt, teacher text) from our own copy of X_u: a teacher never chooses what we train on."""
         pairs = [(self._transfer[a.task_id]["prompt"], a.text) for a in answers
                  if a.task_id in self._transfer and a.text.strip()]
         if len(pairs) < len(answers):
             logger.warning("AKD round=%d: ignored %d of %d answers (unknown task id or empty)", round_idx,
                            len(answers) - len(pairs), len(answers))
+        return pairs
+
+    def _a_kd(self, round_idx: int, total_rounds: int) -> float:
+        horizon = total_rounds if total_rounds > 1 else self.cfg.total_rounds
+        return a_kd_schedule(round_idx, horizon, self.cfg.a_kd_start, self.cfg.a_kd_end)
+
+    @property
+    def kd_steps_per_round(self) -> int:
+        """Eq. 2 steps a node takes each round, teacher or not: fixed by the config, never by
+        what a package holds, so every client of every method spends the same budget."""
+        n = len(self.transfer_prompts())
+        return self.cfg.kd_epochs * math.ceil(max(n, 1) / self.cfg.effective_batch)
+
+    def distill(self, answers: Sequence[Answer], round_idx: int, total_rounds: int) -> TrainReport:
+        """AKD (SPEC Eq. 2) on the teacher's text, re-tokenized with this node's tokenizer.
+
+        Prompts come from this node's own copy of X_u by task id; unknown ids and empty answers
+        are dropped (no usable pair: no step). ``total_rounds`` drives the a_KD schedule when
+        > 1, else ``cfg.total_rounds`` does (a service running open-ended).
+        """
+        t0 = time.perf_counter()
+        pairs = self._kd_pairs(answers, round_idx)
         if not pairs:
             return TrainReport(steps=0, examples=0, mean_loss=0.0, seconds=time.perf_counter() - t0)
-        horizon = total_rounds if total_rounds > 1 else self.cfg.total_rounds
-        a_kd = a_kd_schedule(round_idx, horizon, self.cfg.a_kd_start, self.cfg.a_kd_end)
-        return self.trainer.distill(self._encode(pairs), self._train, a_kd, round_idx,
-                                    epochs=self.cfg.kd_epochs)
+        return self.trainer.distill(self._encode(pairs), self._train, self._a_kd(round_idx, total_rounds),
+                                    round_idx, epochs=self.cfg.kd_epochs)
+
+    def integrate_local(self, round_idx: int, total_rounds: int) -> TrainReport:
+        """The Eq. 2 steps without a teacher: what a client that is not a student does each round."""
+        return self.trainer.kd_phase([], self._train, self._a_kd(round_idx, total_rounds), round_idx,
+                                     self.kd_steps_per_round)
+
+    def learn(self, answers: Sequence[Answer], round_idx: int, total_rounds: int) -> Distillation:
+        """Student side of an exchange: Eq. 2 steps with the teacher's text, and what they earned.
+
+        The reward must measure the teacher, not the student's own local term (which Eq. 2 mixes
+        in): from one snapshot of adapter, optimizer and RNG, take the round's Eq. 2 steps once
+        *without* the teacher term (the counterfactual, exactly :meth:`integrate_local`), measure
+        the validation loss, roll back, take them *with* it and measure again. Local batches,
+        learning rates and dropout are identical in both branches, so ``loss_without -
+        loss_with`` is the teacher's contribution. Costs one more phase of LoRA steps.
+        """
+        t0 = time.perf_counter()
+        a_kd = self._a_kd(round_idx, total_rounds)
+        steps = self.kd_steps_per_round
+        kd = self._encode(self._kd_pairs(answers, round_idx))
+        snap = self.trainer.snapshot()
+        self.trainer.kd_phase([], self._train, a_kd, round_idx, steps)
+        loss_without = self.validation_loss()
+        self.trainer.restore(snap)
+        report = self.trainer.kd_phase(kd, self._train, a_kd, round_idx, steps)
+        loss_with = self.validation_loss()
+        logger.info("learn round=%d pairs=%d val loss without teacher %.4f, with %.4f (%.1fs)", round_idx,
+                    len(kd), loss_without, loss_with, time.perf_counter() - t0)
+        return Distillation(report=report, loss_without=loss_without, loss_with=loss_with)
+
+    def budget(self) -> dict[str, int]:
+        """Training and generation spent so far (:class:`knexa_node.training.Budget`)."""
+        return self.trainer.budget.as_dict()
 
     # ---- generation and evaluation ----------------------------------------------------------
-    def _generate(self, prompts: list[str], entry_points: list[str | None], *, greedy: bool) -> list[str]:
+    def _generate(self, prompts: list[str], entry_points: list[str | None], *, greedy: bool,
+                  teaching: bool = False) -> list[str]:
         cfg = self.cfg
         settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens, temperature=0.0 if greedy else cfg.temperature,
                                       top_p=cfg.top_p, batch_size=cfg.gen_batch, max_prompt_len=cfg.max_len,
@@ -278,6 +326,8 @@ class TorchBackend:
         self._gen_calls += 1
         result = generate(self.model, self.tokenizer, [self._fmt(p) for p in prompts], settings=settings,
                           entry_points=entry_points, seed=seed, device=self.loaded.device)
+        if teaching:  # evaluation generates the same for every method; the budget counts teaching
+            self.trainer.budget.tokens_generated += int(result.new_tokens)
         logger.info("generated %d answers (%d tokens) in %.1fs", len(prompts), result.new_tokens, result.seconds)
         return [t[0] for t in result.texts]
 
@@ -353,7 +403,7 @@ class TorchBackend:
 
     def generate_answers(self, prompts: Sequence[tuple[str, str]]) -> list[Answer]:
         entry = [self._transfer[t]["entry_point"] if t in self._transfer else None for t, _ in prompts]
-        texts = self._generate([p for _, p in prompts], entry, greedy=self.cfg.temperature <= 0)
+        texts = self._generate([p for _, p in prompts], entry, greedy=self.cfg.temperature <= 0, teaching=True)
         return [Answer(task_id=t, text=text) for (t, _), text in zip(prompts, texts, strict=True)]
 
     def filter_outgoing(self, answers: Sequence[Answer]) -> tuple[list[Answer], GuardrailReport]:

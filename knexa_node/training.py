@@ -16,6 +16,7 @@ Determinism: every phase (local epoch, KD, validation) seeds its own shuffling a
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -31,7 +32,9 @@ from tqdm.auto import tqdm
 from .backend import TrainReport
 
 __all__ = [
+    "Budget",
     "Example",
+    "Snapshot",
     "TrainSettings",
     "Trainer",
     "a_kd_schedule",
@@ -63,6 +66,36 @@ class TrainSettings:
     grad_clip: float = 1.0
     max_len: int = 512
     progress: bool = False
+
+
+@dataclass(slots=True)
+class Budget:
+    """Training and generation spent by one node, for equal-budget comparisons.
+
+    ``local_steps`` counts optimizer steps whose loss includes the node's own data (local epochs
+    and every Eq. 2 step), ``kd_steps`` those that also include a teacher's text; a reward's
+    counterfactual branch is undone and not counted. Tokens are padded-free sequence lengths.
+    """
+
+    local_steps: int = 0
+    kd_steps: int = 0
+    tokens_trained: int = 0
+    tokens_generated: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"local_steps": self.local_steps, "kd_steps": self.kd_steps,
+                "tokens_trained": self.tokens_trained, "tokens_generated": self.tokens_generated}
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """A trainer's state at one moment (see :meth:`Trainer.snapshot`)."""
+
+    params: list[torch.Tensor]
+    optimizer: dict[str, Any]
+    step: int
+    budget: Budget
+    rng: torch.Tensor
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +198,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr, betas=(settings.beta1, settings.beta2),
                                            eps=settings.eps, weight_decay=settings.weight_decay)
         self.step = 0  #: optimizer steps taken (drives the warmup)
+        #: the training budget spent so far (see :class:`Budget`); equal-budget tables read it
+        self.budget = Budget()
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def encode_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[Example]:
@@ -174,16 +209,25 @@ class Trainer:
         """Linear warmup over the first ``warmup_steps`` optimizer steps, then constant."""
         return base_lr * min(1.0, (self.step + 1) / max(self.settings.warmup_steps, 1))
 
-    def _step(self, groups: Sequence[tuple[float, Sequence[Example]]], base_lr: float) -> list[float]:
-        """One optimizer step on sum_g weight_g * mean-token-CE(group_g); returns each group's CE."""
+    def _step(self, groups: Sequence[tuple[float, Sequence[Example]]], base_lr: float,
+              seed: int | None = None) -> list[float]:
+        """One optimizer step on sum_g weight_g * mean-token-CE(group_g); returns each group's CE.
+
+        With ``seed``, group g's dropout draws come from ``seed + g``: a group's forward passes
+        then do not depend on whether an earlier group was empty, which keeps the reward's
+        counterfactual branch (:meth:`kd_phase`) identical to the real one except for the
+        teacher's term.
+        """
         s = self.settings
         self.optimizer.zero_grad(set_to_none=True)
         losses = []
-        for weight, examples in groups:
+        for g, (weight, examples) in enumerate(groups):
             total = sum(e.n_targets for e in examples)
             if total == 0:
                 losses.append(0.0)
                 continue
+            if seed is not None:
+                torch.manual_seed(seed + g)
             acc = 0.0
             ordered = sorted(examples, key=lambda e: len(e.input_ids))  # less padding per micro-batch
             for micro in _chunks(ordered, s.micro_batch):
@@ -191,6 +235,7 @@ class Trainer:
                 (loss_sum * (weight / total)).backward()
                 acc += float(loss_sum.detach())
             losses.append(acc / total)
+            self.budget.tokens_trained += sum(len(e.input_ids) for e in examples)
         if s.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, s.grad_clip)
         lr = self.lr_at(base_lr)
@@ -212,6 +257,7 @@ class Trainer:
         losses = []
         for batch in tqdm(batches, desc=f"local r{round_idx}", disable=not self.settings.progress, leave=False):
             losses.append(self._step([(1.0, batch)], self.settings.lr)[0])
+            self.budget.local_steps += 1
         report = TrainReport(steps=len(batches), examples=len(examples),
                              mean_loss=float(np.mean(losses)) if losses else float("nan"),
                              seconds=time.perf_counter() - t0)
@@ -219,41 +265,72 @@ class Trainer:
                     report.examples, report.mean_loss, report.seconds)
         return report
 
-    def distill(self, kd: Sequence[Example], local: Sequence[Example], a_kd: float, round_idx: int,
-                epochs: int = 1) -> TrainReport:
-        """AKD, SPEC Eq. 2: L = (1 - a_KD) * L_local + a_KD * CE(student on teacher text | prompt).
+    def kd_phase(self, kd: Sequence[Example], local: Sequence[Example], a_kd: float, round_idx: int,
+                 steps: int) -> TrainReport:
+        """AKD, SPEC Eq. 2: ``steps`` optimizer steps on (1 - a_KD) * L_local + a_KD * CE(teacher text).
 
-        Each step takes an effective batch of KD pairs and as many local examples (cycling
-        through a shuffled copy of the shard), at the KD learning rate.
+        Every step takes the next effective batch of KD pairs (cycling through a shuffled order)
+        and the next effective batch of local examples, at the KD learning rate. The number of
+        steps and the local batches depend only on (seed, round), never on the package: with an
+        empty ``kd`` this is exactly the step a node takes without a teacher, which is both the
+        equal-budget step of clients that are not students and the reward's counterfactual.
         """
         t0 = time.perf_counter()
         seed = phase_seed(self.seed, round_idx, "kd")
-        torch.manual_seed(seed)
-        rng = np.random.default_rng(seed)
+        local_rng = np.random.default_rng([seed, 1])
+        kd_rng = np.random.default_rng([seed, 2])
         self.model.train()
-        local_order = [local[i] for i in rng.permutation(len(local))]
-        cursor = 0
-        losses, kd_losses, steps = [], [], 0
-        for epoch in range(epochs):
-            kd_order = [kd[i] for i in rng.permutation(len(kd))]
-            bar = tqdm(list(_chunks(kd_order, self.settings.effective_batch)), desc=f"kd r{round_idx}.{epoch}",
-                       disable=not self.settings.progress, leave=False)
-            for batch in bar:
-                local_batch = []
-                for _ in range(len(batch) if local_order else 0):
-                    local_batch.append(local_order[cursor % len(local_order)])
-                    cursor += 1
-                kd_ce, local_ce = self._step([(a_kd, batch), (1.0 - a_kd, local_batch)], self.settings.kd_lr)
-                losses.append(a_kd * kd_ce + (1.0 - a_kd) * local_ce)
+        eff = self.settings.effective_batch
+        local_order = [local[i] for i in local_rng.permutation(len(local))]
+        kd_order: list[Example] = []
+        l_cur = k_cur = 0
+        losses, kd_losses = [], []
+        for step in tqdm(range(steps), desc=f"kd r{round_idx}", disable=not self.settings.progress, leave=False):
+            kd_batch: list[Example] = []
+            while kd and len(kd_batch) < min(eff, len(kd)):
+                if k_cur >= len(kd_order):
+                    kd_order, k_cur = [kd[i] for i in kd_rng.permutation(len(kd))], 0
+                kd_batch.append(kd_order[k_cur])
+                k_cur += 1
+            local_batch = [local_order[(l_cur + i) % len(local_order)] for i in range(eff if local_order else 0)]
+            l_cur += len(local_batch)
+            kd_ce, local_ce = self._step([(a_kd, kd_batch), (1.0 - a_kd, local_batch)], self.settings.kd_lr,
+                                         seed=seed + 7919 * step)
+            losses.append(a_kd * kd_ce + (1.0 - a_kd) * local_ce if kd_batch else (1.0 - a_kd) * local_ce)
+            if kd_batch:
                 kd_losses.append(kd_ce)
-                steps += 1
-        report = TrainReport(steps=steps, examples=len(kd) * epochs,
+                self.budget.kd_steps += 1
+            if local_batch:
+                self.budget.local_steps += 1
+        report = TrainReport(steps=steps, examples=len(kd),
                              mean_loss=float(np.mean(losses)) if losses else float("nan"),
                              seconds=time.perf_counter() - t0)
         logger.info("AKD round=%d a_kd=%.3f steps=%d pairs=%d eq2_loss=%.4f kd_ce=%.4f %.1fs", round_idx, a_kd,
                     steps, len(kd), report.mean_loss, float(np.mean(kd_losses)) if kd_losses else float("nan"),
                     report.seconds)
         return report
+
+    def distill(self, kd: Sequence[Example], local: Sequence[Example], a_kd: float, round_idx: int,
+                epochs: int = 1) -> TrainReport:
+        """Eq. 2 over ``epochs`` passes of the KD pairs (one step per effective batch of them)."""
+        steps = epochs * math.ceil(len(kd) / self.settings.effective_batch) if kd else 0
+        return self.kd_phase(kd, local, a_kd, round_idx, steps)
+
+    def snapshot(self) -> Snapshot:
+        """Everything a training step changes: adapter tensors, optimizer, step, budget, RNG."""
+        return Snapshot(params=[p.detach().clone() for p in self.params],
+                        optimizer=copy.deepcopy(self.optimizer.state_dict()), step=self.step,
+                        budget=copy.copy(self.budget), rng=torch.get_rng_state())
+
+    def restore(self, snap: Snapshot) -> None:
+        """Undo every training step taken since ``snap`` (exactly: same tensors, same state)."""
+        with torch.no_grad():
+            for p, saved in zip(self.params, snap.params, strict=True):
+                p.copy_(saved)
+        self.optimizer.load_state_dict(copy.deepcopy(snap.optimizer))
+        self.step = snap.step
+        self.budget = copy.copy(snap.budget)
+        torch.set_rng_state(snap.rng)
 
     @torch.no_grad()
     def validation_loss(self, examples: Sequence[Example]) -> float:
@@ -270,11 +347,12 @@ class Trainer:
         return total_loss / total_n if total_n else float("nan")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "step": self.step}
+        return {"optimizer": self.optimizer.state_dict(), "step": self.step, "budget": self.budget.as_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
+        self.budget = Budget(**state.get("budget", {}))
 
 
 def perplexity(loss: float) -> float:

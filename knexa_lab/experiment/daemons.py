@@ -103,6 +103,9 @@ def rows_from_nodes(method: str, seed: int, node_dirs: Sequence[Path], rounds: i
                 "bytes_sent": nbytes if role == "teacher" else 0,
                 "bytes_received": nbytes if role == "student" else 0,
                 "wall_s": e.get("seconds"),
+                **{k: (e.get("budget") or {}).get(k) for k in ("local_steps", "kd_steps", "tokens_trained",
+                                                               "tokens_generated")},
+                "categories": None,
             })
     return rows
 

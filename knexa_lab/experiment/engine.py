@@ -167,6 +167,7 @@ def _round(cfg: ExperimentConfig, name: str, seed: int, r: int, clients: Sequenc
            settings: Mapping[str, Any], history: dict[int, list[Any]], workdir: Path) -> list[dict[str, Any]]:
     e = cfg.experiment
     spent = {c.index: 0.0 for c in clients}
+    budget0 = {c.index: c.backend.budget() for c in clients}
     train: dict[int, Any] = {}
     if method.local_training:
         for c in clients:
@@ -182,6 +183,7 @@ def _round(cfg: ExperimentConfig, name: str, seed: int, r: int, clients: Sequenc
     stray = sorted(set(steps) - {c.index for c in clients})
     if stray:
         raise ValueError(f"{name}.communicate returned steps for unknown client indices {stray}")
+    spent_budget = {c.index: {k: v - budget0[c.index][k] for k, v in c.backend.budget().items()} for c in clients}
     rows = []
     sample = e.passk_samples > 0 and (e.passk_when == "every" or r == e.rounds - 1)
     for c in clients:
@@ -201,6 +203,10 @@ def _round(cfg: ExperimentConfig, name: str, seed: int, r: int, clients: Sequenc
             "role": step.role, "partner": step.partner, "reward": _finite(step.reward),
             "kd_loss": _finite(step.kd_loss), "bytes_sent": int(step.bytes_sent),
             "bytes_received": int(step.bytes_received),
+            # the round's budget (equal-budget check): steps on local data, steps with a teacher's
+            # text, tokens trained on, tokens generated for teaching
+            **spent_budget[c.index],
+            "categories": getattr(ev, "per_category", None) or None,
             # the client's share of the round: its local epoch and evaluation plus 1/N of the
             # collaboration step, so the rows of a round sum to its wall time
             "wall_s": round(spent[c.index] + share, 3),

@@ -9,6 +9,9 @@ Definitions (the header of ``table4.md`` repeats them, so a reader need not open
 - Mean reward of one seed: the mean of every reward logged (Eq. 3, one per student and round).
 - MB exchanged: bytes sent + received by one client over the whole run, mean over clients; what
   a client's link carried, so P2P (one side sends) and server methods (both ways) compare.
+- Pass@1 AUC: the mean over rounds of the clients' mean Pass@1 (area under the curve, in %).
+- Budget (per client, whole run): optimizer steps on local data (local epochs and every Eq. 2
+  step), steps that included a teacher's text, tokens trained on, tokens generated for teaching.
 - Wall time: the run's rounds summed; a round is the sum of its clients' shares in simulation
   (they run one after another) and the slowest client with ``--mode daemons`` (in parallel).
 - Each cell: mean over seeds with the 95% Student's t half-width (:mod:`.stats`).
@@ -60,7 +63,14 @@ METRICS: tuple[Metric, ...] = (
     Metric("val_loss", "Val loss", 1.0, 3), Metric("reward", "Mean reward", 1.0, 3, final=False),
     Metric("mb_exchanged", "MB exchanged/client", 1.0, 3, final=False),
     Metric("wall_s", "Wall (s)", 1.0, 1, final=False),
+    Metric("auc_pass_at_1", "Pass@1 AUC (%)", 100.0, 2, final=False),
+    Metric("local_steps", "Local steps/client", 1.0, 1, final=False),
+    Metric("kd_steps", "KD steps/client", 1.0, 1, final=False),
+    Metric("tokens_trained", "Tokens trained/client", 1.0, 0, final=False),
+    Metric("tokens_generated", "Tokens generated/client", 1.0, 0, final=False),
 )
+#: the whole-run budget columns (sums over rounds, mean over clients)
+BUDGET_KEYS: tuple[str, ...] = ("local_steps", "kd_steps", "tokens_trained", "tokens_generated")
 _BY_KEY = {m.key: m for m in METRICS}
 _FINAL_KEYS = tuple(m.key for m in METRICS if m.final)
 
@@ -121,6 +131,14 @@ def _run_values(rows: Sequence[dict[str, Any]], final_round: int, parallel: bool
     per_round = [finite(r.get("wall_s") for r in rs) for rs in _by(rows, "round").values()]
     walls = [(max(w) if parallel else sum(w)) for w in per_round if w]
     out["wall_s"] = sum(walls) if walls else None
+    # area under the Pass@1-vs-round curve, normalised to [0, 1]: the mean over rounds of the
+    # clients' mean Pass@1 (rewards learning early, not only where a run ends)
+    curve = [_mean([r.get("pass_at_1") for r in rs]) for _, rs in sorted(_by(rows, "round").items())]
+    curve = [c for c in curve if c is not None]
+    out["auc_pass_at_1"] = sum(curve) / len(curve) if curve else None
+    for key in BUDGET_KEYS:
+        spent = finite(r.get(key) for r in rows)
+        out[key] = sum(spent) / len(clients) if spent else None
     return out
 
 

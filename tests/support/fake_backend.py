@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from knexa_node.backend import Answer, EvalReport, GuardrailReport, TrainReport
+from knexa_node.backend import Answer, Distillation, EvalReport, GuardrailReport, TrainReport
 
 
 class FakeBackend:
@@ -56,6 +56,16 @@ class FakeBackend:
         self.distilled.append(list(answers))
         self.adapter *= 0.5
         return TrainReport(steps=1, examples=len(answers), mean_loss=0.0, seconds=0.0)
+
+    def integrate_local(self, round_idx: int, total_rounds: int) -> TrainReport:
+        self.adapter *= 0.9
+        return TrainReport(steps=1, examples=0, mean_loss=self.validation_loss(), seconds=0.0)
+
+    def learn(self, answers: Sequence[Answer], round_idx: int, total_rounds: int) -> Distillation:
+        """The counterfactual is the local-only step; the package's step moves further."""
+        loss_without = float(np.linalg.norm(self.adapter * 0.9 - self.target))
+        report = self.distill(answers, round_idx, total_rounds)
+        return Distillation(report=report, loss_without=loss_without, loss_with=self.validation_loss())
 
     def adapter_fingerprint(self) -> str:
         return hashlib.sha256(self.adapter.tobytes()).hexdigest()[:16]

@@ -28,11 +28,14 @@ __all__ = ["METRIC_FIELDS", "Client", "ClientStep", "Method", "RoundContext", "c
 
 #: Columns of ``metrics.jsonl`` / ``metrics.csv``: one row per (method, seed, round, client).
 #: ``round`` counts completed rounds from 1; Pass@5/10 are None unless sampled that round;
-#: ``partner`` is the teacher's client name for a student row (the match heatmap reads it).
+#: ``partner`` is the teacher's client name for a student row (the match heatmap reads it);
+#: ``local_steps`` .. ``tokens_generated`` are that round's budget (``TorchBackend.budget``);
+#: ``categories`` is per-category Pass@1 on the test set where the benchmark labels categories.
 METRIC_FIELDS: tuple[str, ...] = (
     "method", "seed", "round", "client", "model", "family",
     "pass_at_1", "pass_at_5", "pass_at_10", "codebleu", "val_loss", "train_loss",
     "role", "partner", "reward", "kd_loss", "bytes_sent", "bytes_received", "wall_s",
+    "local_steps", "kd_steps", "tokens_trained", "tokens_generated", "categories",
 )
 
 

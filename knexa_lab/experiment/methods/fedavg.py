@@ -120,6 +120,8 @@ class FedAvg:
     def communicate(self, ctx: RoundContext) -> dict[int, ClientStep]:
         by_index = {c.index: c for c in ctx.clients}
         steps: dict[int, ClientStep] = {}
+        for c in ctx.clients:  # the P2P methods' Eq. 2 steps without a teacher: equal budgets
+            c.backend.integrate_local(ctx.round_idx, max(ctx.total_rounds, 1))
         for g in self.groups:
             size = average_adapters([by_index[i] for i in g])
             for i in g:

@@ -1,4 +1,8 @@
-"""LocalOnly: every client trains on its own shard and never talks to anyone (the floor)."""
+"""LocalOnly: every client trains on its own shard and never talks to anyone (the floor).
+
+Each round it takes the same optimizer steps as a P2P client: the local epoch, then the Eq. 2
+steps with an empty teacher term (``integrate_local``), so comparisons are at equal budget.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ class LocalOnly:
             raise ValueError(f"local-only takes no settings, got {sorted(settings)}")
 
     def communicate(self, ctx: RoundContext) -> dict[int, ClientStep]:
+        for c in ctx.clients:
+            c.backend.integrate_local(ctx.round_idx, max(ctx.total_rounds, 1))
         return {}
 
     def save(self, directory: Path) -> None:

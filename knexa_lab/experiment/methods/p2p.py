@@ -11,10 +11,13 @@ taken out and nothing else changed:
 2. the CPM's policy (:func:`knexa_cpm.policies.make_policy`) picks disjoint ordered
    (teacher, student) pairs from the profile matrix, rows in client order;
 3. teacher: ``generate_answers(transfer_prompts())`` then ``filter_outgoing`` (guardrail);
-4. student: validation loss, ``distill`` (SPEC Eq. 2), validation loss again, reward by
-   :func:`knexa_node.reward.compute_reward` (Eq. 3) over the package's wire size
+4. student: ``learn`` (SPEC Eq. 2 with and without the teacher's term), reward by
+   :func:`knexa_node.reward.compute_reward` (Eq. 3, dL = counterfactual minus real validation
+   loss) over the package's wire size
    (:func:`base.package_bytes`; the daemons' sealed package adds ~100 bytes), and
-   ``policy.observe(teacher_profile, student_profile, reward)`` as the CPM does on a reward report.
+   ``policy.observe(teacher_profile, student_profile, reward)`` as the CPM does on a reward report;
+5. every client that was not a student takes the same Eq. 2 steps without a teacher
+   (``integrate_local``), so budgets are equal across roles and methods.
 
 Subclasses only choose the policy: ``random-p2p`` (uniform random pairs), ``heuristic-p2p``
 (supplement Alg. 3), ``knexa-fl`` (LinUCB, interaction context, our default) and
@@ -124,24 +127,31 @@ class PeerToPeer:
             kept, guard = tb.filter_outgoing(answers)
             nbytes = package_bytes(kept)
             steps[teacher.index] = ClientStep(role="teacher", partner=student.name, bytes_sent=nbytes)
-            loss_pre = sb.validation_loss()
-            kd = sb.distill(kept, ctx.round_idx, max(ctx.total_rounds, 1))
-            loss_post = sb.validation_loss()
+            learned = sb.learn(kept, ctx.round_idx, max(ctx.total_rounds, 1))
+            kd, loss_without, loss_post = learned.report, learned.loss_without, learned.loss_with
             reward = None
-            if math.isfinite(loss_pre) and math.isfinite(loss_post):
-                reward = compute_reward(loss_pre, loss_post, nbytes, gamma=float(self.settings["gamma"]),
+            if math.isfinite(loss_without) and math.isfinite(loss_post):
+                # Eq. 3 with the teacher-attributable dL (counterfactual minus real; docs/method.md)
+                reward = compute_reward(loss_without, loss_post, nbytes, gamma=float(self.settings["gamma"]),
                                         delta=float(self.settings["delta"]))
-                self.policy.observe(profiles[t], profiles[s], reward)
+                self.observe(t, s, profiles, reward)
             else:  # the node reports no reward then, so the bandit learns nothing from it
-                logger.warning("%s round=%d %s: non-finite validation loss (%s -> %s); no reward",
-                               self.name, ctx.round_idx, student.name, loss_pre, loss_post)
+                logger.warning("%s round=%d %s: non-finite validation loss (%s without the teacher, %s with); "
+                               "no reward", self.name, ctx.round_idx, student.name, loss_without, loss_post)
             steps[student.index] = ClientStep(
                 role="student", partner=teacher.name, reward=reward, bytes_received=nbytes,
                 kd_loss=kd.mean_loss if kd.steps and math.isfinite(kd.mean_loss) else None)
             logger.info("%s round=%d %s -> %s items=%d blocked=%d bytes=%d loss %.4f -> %.4f reward=%s",
                         self.name, ctx.round_idx, teacher.name, student.name, len(kept), guard.blocked, nbytes,
-                        loss_pre, loss_post, "none" if reward is None else f"{reward:+.4f}")
+                        loss_without, loss_post, "none" if reward is None else f"{reward:+.4f}")
+        for c in clients:  # equal budgets: the same Eq. 2 steps, without a teacher, for non-students
+            if steps.get(c.index, ClientStep()).role != "student":
+                c.backend.integrate_local(ctx.round_idx, max(ctx.total_rounds, 1))
         return steps
+
+    def observe(self, teacher: int, student: int, profiles: np.ndarray, reward: float) -> None:
+        """Feed one reward to the matchmaker, as the CPM does on a reward report."""
+        self.policy.observe(profiles[teacher], profiles[student], reward)
 
     def save(self, directory: Path) -> None:
         from knexa_cpm.state import save_state
