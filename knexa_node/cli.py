@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("name", metavar="NAME")
     fetch.add_argument("--to", type=Path, required=True, metavar="DIR", help="destination folder")
 
+    from . import data_cli
+
+    data_cli.configure_parser(sub)
+
     status = sub.add_parser("status", help="ask the running node for its round, phase, peers and last matches",
                             description="Query the running daemon through its control socket "
                             "(STATE_DIR/control.sock) and print its state.")
@@ -115,7 +119,8 @@ def _validate(cfg: NodeConfig) -> None:
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     if n.data_dir is None:
-        raise ConfigError("no data: pass --data DIR (a node shard written by `knexa-lab split`)")
+        raise ConfigError("no data: pass --data DIR (your problems prepared by `knexa-node data prepare "
+                          "FILES --out DIR`, see docs/data.md)")
     if not (n.data_dir / "train.jsonl").is_file():
         raise ConfigError(f"--data {n.data_dir}: no train.jsonl there")
     if n.roster_file is not None:
@@ -201,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
         return _init(args)
     if args.command == "fetch-model":
         return _fetch_model(args)
+    if args.command == "data":
+        from . import data_cli
+
+        return data_cli.run(args)
     if getattr(args, "offline", False):
         import os
 
