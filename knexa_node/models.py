@@ -216,7 +216,7 @@ def resolve_model(name: str, *, cache_dir: Path, offline: bool | None = None) ->
 
 
 #: what a node needs from a hub repo: configs, tokenizer files and one set of weights
-_NEEDED = ("*.json", "tokenizer.model", "*.tiktoken", "merges.txt", "vocab.txt", "*.py")
+_NEEDED = ("*.json", "tokenizer.model", "*.tiktoken", "merges.txt", "vocab.txt")
 
 
 def _weight_patterns(files: list[str]) -> list[str]:
@@ -266,19 +266,40 @@ def _write_ref(hub_id: str, ref: str, commit: str, cache: str | None) -> None:
     os.replace(tmp, root)
 
 
-def _hub_snapshot(name: str, hub_id: str, revision: str | None, *, offline: bool) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+def _cached_snapshot(hub_id: str, revision: str | None) -> tuple[Path | None, BaseException | None]:
+    """The cached snapshot with every file a node needs (see :func:`_download`), or why not.
 
-    try:
-        return Path(snapshot_download(hub_id, revision=revision, local_files_only=True,
-                                      **{k: v for k, v in _hub_kwargs().items() if k == "cache_dir"}))
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError) as exc:
-        if offline:
-            alias = f" (alias {name})" if name != hub_id else ""
-            raise ModelLoadError(f"{hub_id}{alias} is not in the local Hugging Face cache and the hub is "
-                                 "offline (HF_HUB_OFFLINE/--offline); fetch it where there is network with "
-                                 f"`knexa-node fetch-model {name} --to DIR`; {_offline_hint()}") from exc
+    The repo's other weight formats are never fetched, so completeness is checked against the
+    needed files plus one weight format, safetensors first.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    cache = {k: v for k, v in _hub_kwargs().items() if k == "cache_dir"}
+    why: BaseException | None = None
+    for weights in ("*.safetensors", "*.bin"):
+        try:
+            path = Path(snapshot_download(hub_id, revision=revision, local_files_only=True,
+                                          allow_patterns=[*_NEEDED, weights], **cache))
+        except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError) as miss:
+            why = miss
+            continue
+        if any(path.glob(weights)):
+            return path, None
+    return None, why
+
+
+def _hub_snapshot(name: str, hub_id: str, revision: str | None, *, offline: bool) -> Path:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    path, why = _cached_snapshot(hub_id, revision)
+    if path is not None:
+        return path
+    if offline:
+        alias = f" (alias {name})" if name != hub_id else ""
+        raise ModelLoadError(f"{hub_id}{alias} is not in the local Hugging Face cache and the hub is "
+                             "offline (HF_HUB_OFFLINE/--offline); fetch it where there is network with "
+                             f"`knexa-node fetch-model {name} --to DIR`; {_offline_hint()}") from why
     try:
         return _download(hub_id, revision)
     except (HfHubHTTPError, OSError, ValueError) as exc:

@@ -3,7 +3,7 @@
 Only what ``huggingface_hub`` (``model_info``, ``list_repo_tree``, ``snapshot_download`` /
 ``hf_hub_download``) talks to:
 
-* ``GET /api/models/{repo}/revision/{rev}``: repo info with ``sha`` (the commit) and ``siblings``;
+* ``GET /api/models/{repo}[/revision/{rev}]``: repo info with ``sha`` (the commit) and ``siblings``;
 * ``GET /api/models/{repo}/tree/{rev}``: the recursive file listing (path, size, git oid);
 * ``HEAD /{repo}/resolve/{rev}/{file}``: metadata in ``X-Repo-Commit``, ``ETag`` and
   ``Content-Length``;
@@ -134,9 +134,9 @@ class FakeHub:
         path = unquote(urlsplit(h.path).path)
         rng = h.headers.get("Range")
         method = "HEAD" if head else "GET"
-        m = re.match(r"^/api/models/([^/]+/[^/]+)/(revision|tree)/([^/]+)(/.*)?$", path)
+        m = re.match(r"^/api/models/([^/]+/[^/]+)(?:/(revision|tree)/([^/]+)(/.*)?)?$", path)
         if m and not head:
-            repo, kind, rev = m.group(1), m.group(2), m.group(3)
+            repo, kind, rev = m.group(1), m.group(2) or "revision", m.group(3) or "main"
             files, error = self._repo_rev(repo, rev)
             self._record(method, path, rng, 0)
             if files is None:
