@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import trio
 
-from knexa_p2p.host import GossipSettings, P2PHost, open_host
+from knexa_p2p.host import GossipSettings, MemberGate, P2PHost, open_host
 from knexa_p2p.identity import load_or_create_identity
 from knexa_p2p.streams import FramedStream, StreamBroken
 from knexa_runtime.atomic import atomic_write_json
@@ -148,6 +148,23 @@ class CpmService:
             "stats": self.stats,
         })
 
+    def is_member(self, peer: bytes) -> bool:
+        """The roster decides membership (read at start and on SIGHUP); an empty roster is open."""
+        roster = self.settings.roster
+        return not roster or peer in roster or peer == self.identity.peer_bytes
+
+    def gate(self) -> MemberGate:
+        """Non-members are disconnected right after the Noise handshake, counted by reason."""
+        return MemberGate(self.is_member, on_refused=lambda reason, _peer: self._reject(reason, "connection"))
+
+    def valid_directive_message(self, origin: bytes, data: bytes) -> bool:
+        """GossipSub topic validator: only the CPM publishes directives, so nothing else is relayed."""
+        if origin == self.identity.peer_bytes:
+            return True
+        self._reject("not_cpm", "pubsub")
+        logger.warning("dropped pubsub message origin=%s reason=not_cpm", short(origin))
+        return False
+
     def _reject(self, reason: str, kind: str = "request") -> None:
         self.stats["rejected"][reason] = self.stats["rejected"].get(reason, 0) + 1
         self.metrics.rejected.labels(kind, reason).inc()
@@ -184,6 +201,9 @@ class CpmService:
                     self.persist()
                 logger.info("reward peer=%s round=%d teacher=%s reward=%.4f ok=%s code=%s", short(peer), msg.round,
                             short(msg.teacher), msg.reward, reply.ok, reply.code)
+            elif not self.is_member(peer):  # members only: a directive says who is online and paired
+                reply = Reply(False, ReplyCode.UNAUTHORIZED, "peer not on the federation roster", self.machine.round)
+                logger.warning("refused directive request peer=%s round=%d reason=not_member", short(peer), msg.round)
             else:
                 directive = self.machine.directive_for(msg.round)
                 if directive is not None:
@@ -237,6 +257,7 @@ class CpmService:
 
     async def watch_peers(self, host: P2PHost) -> None:
         while True:
+            await host.enforce_membership()  # a SIGHUP that removed a member disconnects it here
             self.metrics.peers.set(len(host.connected_peers()))
             await trio.sleep(2.0)
 
@@ -255,8 +276,9 @@ async def serve(cfg: CpmSection, *, service: CpmService | None = None,
     if cfg.metrics_listen:
         svc.metrics_port = svc.metrics.serve(*parse_hostport(cfg.metrics_listen))
     try:
-        async with open_host(svc.identity, cfg.listen, gossip=gossip) as host:
+        async with open_host(svc.identity, cfg.listen, gossip=gossip, gate=svc.gate()) as host:
             svc._host = host
+            host.set_topic_validator(svc.topic, svc.valid_directive_message)
             host.set_handler(CPM_PROTOCOL, svc.handle_stream)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(svc.drain, host)
