@@ -7,6 +7,8 @@ Map of the package (each private module has its own `__all__`):
 - `_framing`: length-prefixed frames with an incremental `FrameDecoder`.
 - `_envelope`: Ed25519 `sign`/`open_signed` bound to the authenticated peer; X25519 + HKDF +
   ChaCha20-Poly1305 `seal_package`/`open_package` with AAD binding round, pair and federation.
+- `_public_set`: the federation's public-set bundle (transfer X_u + test): canonical bytes, SHA-256
+  digest, strict parsing; its stream id. Messages PublicSetQuery/Announce/Fetch/Chunk carry it.
 - `_replay`: `DirectiveBook`, which directives exist and which were consumed.
 - `_ids`, `_limits`, `_layout`: version, protocol ids, topics, size caps, the 32-dim profile layout.
 - `_errors`: `ProtocolError` > `LocalProtocolError` | `RemoteProtocolError` > reason subclasses.
@@ -47,11 +49,22 @@ from ._messages import (
     PackageBody,
     PackageItem,
     Profile,
+    PublicSetAnnounce,
+    PublicSetChunk,
+    PublicSetFetch,
+    PublicSetQuery,
     Reply,
     ReplyCode,
     RewardReport,
     SealedPackage,
     Signed,
+)
+from ._public_set import (
+    PUBLIC_SET_PROTOCOL,
+    PublicSetBundle,
+    bundle_digest,
+    decode_bundle,
+    encode_bundle,
 )
 from ._replay import DirectiveBook
 
@@ -62,7 +75,9 @@ __all__ = [
     "Match", "MatchDirective", "Message", "NEED_DATA", "OversizeError", "PERF_SLICE",
     "PROFILE_DIM", "PROTOCOL_VERSION", "PackageBody", "PackageItem", "Profile", "ProtocolError",
     "RemoteProtocolError", "Reply", "ReplyCode", "ReplayError", "RewardReport", "SealedPackage",
-    "SignatureError", "Signed", "UnauthorizedError", "decode", "directive_topic", "encode",
+    "SignatureError", "Signed", "UnauthorizedError",
+    "PUBLIC_SET_PROTOCOL", "PublicSetAnnounce", "PublicSetBundle", "PublicSetChunk", "PublicSetFetch",
+    "PublicSetQuery", "bundle_digest", "decode_bundle", "encode_bundle", "decode", "directive_topic", "encode",
     "encode_frame", "open_package", "open_signed", "peer_id_from_public_key", "peer_id_str",
     "public_key_from_peer_id", "seal_package", "sign",
 ]

@@ -14,7 +14,9 @@ from typing import ClassVar
 from ._errors import LocalProtocolError
 from ._layout import PROFILE_DIM
 from ._limits import (
+    BUNDLE_CHUNK,
     MAX_ANSWER_CHARS,
+    MAX_BUNDLE_BYTES,
     MAX_DETAIL_LEN,
     MAX_FEDERATION_LEN,
     MAX_PACKAGE_ITEMS,
@@ -33,6 +35,10 @@ __all__ = [
     "PackageItem",
     "Profile",
     "Reply",
+    "PublicSetAnnounce",
+    "PublicSetChunk",
+    "PublicSetFetch",
+    "PublicSetQuery",
     "ReplyCode",
     "RewardReport",
     "SealedPackage",
@@ -44,6 +50,7 @@ PEER_ID_LEN = 38  # identity multihash of a protobuf-wrapped Ed25519 key: 6-byte
 DIRECTIVE_ID_LEN = 16
 KEY_LEN = 32
 NONCE_LEN = 12
+BUNDLE_DIGEST_LEN = 32  # SHA-256 of a public-set bundle
 SIGNATURE_LEN = 64
 #: Sanitized profile values live in [-1, 1] (deltas are signed; everything else in [0, 1]).
 PROFILE_RANGE = (-1.0, 1.0)
@@ -307,6 +314,81 @@ class SealedPackage(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class PublicSetQuery(Message):
+    """A node asks the CPM which public set (transfer X_u + test) the federation runs on."""
+
+    TYPE: ClassVar[str] = "public_set_query"
+    federation: str
+    node: bytes
+
+    def __post_init__(self) -> None:
+        _check_federation(PublicSetQuery, self.federation)
+        _check_peer(PublicSetQuery, "node", self.node)
+
+
+@dataclass(frozen=True, slots=True)
+class PublicSetAnnounce(Message):
+    """The CPM's signed statement of the current public-set bundle: version, digest, size."""
+
+    TYPE: ClassVar[str] = "public_set"
+    federation: str
+    cpm: bytes
+    version: int
+    digest: bytes
+    size: int
+    chunk_size: int
+    published_at: float
+
+    def __post_init__(self) -> None:
+        _check_federation(PublicSetAnnounce, self.federation)
+        _check_peer(PublicSetAnnounce, "cpm", self.cpm)
+        if not 1 <= self.version <= ROUND_MAX:
+            _fail(PublicSetAnnounce, f"version {self.version} out of range")
+        _check_len(PublicSetAnnounce, "digest", self.digest, BUNDLE_DIGEST_LEN)
+        if not 0 < self.size <= MAX_BUNDLE_BYTES:
+            _fail(PublicSetAnnounce, f"size {self.size} not in 1..{MAX_BUNDLE_BYTES}")
+        if not 0 < self.chunk_size <= BUNDLE_CHUNK:
+            _fail(PublicSetAnnounce, f"chunk_size {self.chunk_size} not in 1..{BUNDLE_CHUNK}")
+        _check_finite(PublicSetAnnounce, "published_at", self.published_at, 0.0, 1e11)
+
+    @property
+    def chunks(self) -> int:
+        return -(-self.size // self.chunk_size)
+
+
+@dataclass(frozen=True, slots=True)
+class PublicSetFetch(Message):
+    """A node asks for the bundle with this digest; the CPM answers with its chunks in order."""
+
+    TYPE: ClassVar[str] = "public_set_fetch"
+    federation: str
+    node: bytes
+    digest: bytes
+
+    def __post_init__(self) -> None:
+        _check_federation(PublicSetFetch, self.federation)
+        _check_peer(PublicSetFetch, "node", self.node)
+        _check_len(PublicSetFetch, "digest", self.digest, BUNDLE_DIGEST_LEN)
+
+
+@dataclass(frozen=True, slots=True)
+class PublicSetChunk(Message):
+    """One piece of a bundle. Unsigned: the reassembled bytes must hash to the signed digest."""
+
+    TYPE: ClassVar[str] = "public_set_chunk"
+    digest: bytes
+    index: int
+    data: bytes
+
+    def __post_init__(self) -> None:
+        _check_len(PublicSetChunk, "digest", self.digest, BUNDLE_DIGEST_LEN)
+        if not 0 <= self.index < MAX_BUNDLE_BYTES:
+            _fail(PublicSetChunk, f"index {self.index} out of range")
+        if not 0 < len(self.data) <= BUNDLE_CHUNK:
+            _fail(PublicSetChunk, f"data of {len(self.data)} bytes not in 1..{BUNDLE_CHUNK}")
+
+
+@dataclass(frozen=True, slots=True)
 class Signed(Message):
     """Any message, encoded, with the Ed25519 signature of the peer that sent it."""
 
@@ -323,5 +405,6 @@ class Signed(Message):
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
     for cls in (Hello, Profile, Match, MatchDirective, DirectiveRequest, RewardReport, Reply,
-                PackageItem, PackageBody, SealedPackage, Signed)
+                PackageItem, PackageBody, SealedPackage, Signed, PublicSetQuery, PublicSetAnnounce,
+                PublicSetFetch, PublicSetChunk)
 }
