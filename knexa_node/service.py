@@ -119,6 +119,8 @@ class NodeService:
         self.metrics_port: int | None = None
         self.phase = "starting"
         self.phase_since = time.time()
+        #: seconds spent in each phase of the current round (status; the round log's phase_seconds)
+        self.round_phases: dict[str, float] = {}
         self.started = time.time()
         self.notifier = Notifier()
         self.state_dir = cfg.state_dir
@@ -173,7 +175,8 @@ class NodeService:
         return {"round": entry.get("round"), "role": entry.get("role"),
                 "partner": partner[-8:] if isinstance(partner, str) else None,
                 "reward": round(entry["reward"], 4) if isinstance(entry.get("reward"), float) else None,
-                "pass_at_1": entry.get("pass_at_1"), "error": entry.get("error")}
+                "pass_at_1": entry.get("pass_at_1"), "error": entry.get("error"),
+                "phase_seconds": entry.get("phase_seconds")}
 
     def _record(self, entry: dict[str, Any]) -> None:
         with open(self.state_dir / ROUNDS_FILE, "a") as fh:
@@ -214,7 +217,9 @@ class NodeService:
         try:
             yield
         finally:
-            self.metrics.phase_seconds.labels(name).observe(time.perf_counter() - t0)
+            dt = time.perf_counter() - t0
+            self.metrics.phase_seconds.labels(name).observe(dt)
+            self.round_phases[name] = self.round_phases.get(name, 0.0) + dt
             self.phase, self.phase_since = previous, time.time()
 
     # ---- operations -------------------------------------------------------------------
@@ -252,6 +257,7 @@ class NodeService:
             "roster": len(self.roster), "counters": dict(self.counters),
             "uptime_s": round(time.time() - self.started, 1), "metrics_port": self.metrics_port,
             "last_rounds": list(self.last_rounds),
+            "round_phase_seconds": {k: round(v, 1) for k, v in self.round_phases.items()},
         }
 
     # ---- membership -------------------------------------------------------------------
@@ -450,6 +456,7 @@ class NodeService:
     # ---- rounds -------------------------------------------------------------------------
     async def run_round(self, host: P2PHost) -> None:
         t0 = time.time()
+        self.round_phases = {}
         budget0 = self._budget()
         self.metrics.round.set(self.round)
         with self._phase("train"):
@@ -465,13 +472,14 @@ class NodeService:
         vector = build_profile(self.backend.family, self.history, self.backend.category_histogram())
         eps = self.cfg.profile_epsilon or None
         vector = sanitize_profile(vector, decimals=self.cfg.profile_decimals, epsilon=eps, rng=self._rng)
-        self.phase = "profile"
-        accepted = await self._submit_profile(host, vector)
+        with self._phase("profile"):
+            accepted = await self._submit_profile(host, vector)
         entry: dict[str, Any] = {
             "round": self.round, "node": peer_id_str(self.me), "model": self.backend.model_name,
             "family": self.backend.family, "train_loss": train.mean_loss, "val_loss": ev.val_loss,
             "perplexity": ev.perplexity, "pass_at_1": ev.pass_at_1, "codebleu": ev.codebleu,
-            "role": "idle", "partner": None,
+            "role": "idle", "partner": None, "train_examples": train.examples,
+            "train_samples_per_s": round(train.examples / train.seconds, 3) if train.seconds > 0 else None,
         }
         directive = None
         if accepted:
@@ -496,6 +504,7 @@ class NodeService:
         entry["budget"] = {k: v - budget0.get(k, 0) for k, v in self._budget().items()}
         with self._phase("checkpoint"):
             await self._save_checkpoint()
+        entry["phase_seconds"] = {k: round(v, 2) for k, v in self.round_phases.items()}
         # counter first: a kill between the two loses a log line, never re-runs a round
         self.round += 1
         self.completed += 1

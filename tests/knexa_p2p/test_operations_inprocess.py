@@ -55,6 +55,11 @@ async def test_status_metrics_reload_and_late_joiner(tmp_path):
                 node_status = await trio.to_thread.run_sync(query, first[0].state_dir / "control.sock")
                 assert node_status["daemon"] == "knexa-node" and node_status["round"] >= 1
                 assert node_status["health"] == "ok" and node_status["last_rounds"]
+                # each finished round says where its time went, phase by phase
+                phases = node_status["last_rounds"][0]["phase_seconds"]
+                assert {"train", "evaluate", "profile", "checkpoint"} <= set(phases)
+                assert all(v >= 0 for v in phases.values())
+                assert "round_phase_seconds" in node_status
                 cpm_status = await trio.to_thread.run_sync(query, tmp_path / "cpm" / "control.sock")
                 assert cpm_status["rounds_closed"] >= 2 and cpm_status["roster"] == 2
                 assert cpm_status["last_round"]["pairs"]
