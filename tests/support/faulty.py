@@ -24,7 +24,7 @@ from typing import Any
 
 import trio
 
-from knexa_p2p.host import GossipSettings, P2PHost, open_host
+from knexa_p2p.host import GossipSettings, MemberGate, P2PHost, open_host
 from knexa_p2p.identity import Identity
 from knexa_p2p.streams import FramedStream, StreamBroken
 
@@ -166,8 +166,9 @@ def faulty_open_host(faults: Faults, log: FaultLog) -> Callable[..., Any]:
 
     @asynccontextmanager
     async def open_faulty_host(identity: Identity, listen: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",), *,
-                               gossip: GossipSettings | None = None) -> AsyncIterator[FaultyHost]:
-        async with open_host(identity, listen, gossip=gossip) as host:
+                               gossip: GossipSettings | None = None,
+                               gate: MemberGate | None = None) -> AsyncIterator[FaultyHost]:
+        async with open_host(identity, listen, gossip=gossip, gate=gate) as host:
             yield FaultyHost(host, _Dice(faults, str(identity.peer_id), log))
 
     return open_faulty_host
