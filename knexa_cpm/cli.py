@@ -64,8 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--config", type=Path, help="or: its config file (state_dir is read from it)")
     status.add_argument("--json", action="store_true", help="print the raw JSON")
 
-    from . import simulate
+    from . import public_sets, simulate
 
+    public_sets.configure_parser(sub)
     sim = sub.add_parser("simulate", help="run the synthetic matchmaker study (paper Fig. 2)",
                          description="Synthetic federation study: LinUCB (both context builders) vs random, "
                          "heuristic and an oracle, with CSV, plots and a markdown table.")
@@ -137,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         return simulate.run(args)
     if args.command == "init":
         return _init(args)
+    if args.command == "public-set":
+        from . import public_sets
+
+        return public_sets.run(args)
     if args.command == "status":
         return _status(args)
     try:

@@ -28,6 +28,7 @@ from knexa_runtime.logs import set_level
 from knexa_runtime.metrics import DaemonMetrics
 from protocol import (
     CPM_PROTOCOL,
+    PUBLIC_SET_PROTOCOL,
     DirectiveRequest,
     MatchDirective,
     Profile,
@@ -47,6 +48,7 @@ from protocol import (
 from .config import CpmSection
 from .errors import StateError
 from .policies import make_policy
+from .public_sets import PublicSet, PublicSetError, PublicSetStore, serve_public_set
 from .rounds import RoundMachine, RoundSettings, short
 from .state import load_state, save_state
 
@@ -97,6 +99,27 @@ class CpmService:
         self.topic = directive_topic(cfg.federation)
         self._lock = trio.Lock()
         self._host: P2PHost | None = None
+        self.public_sets = PublicSetStore(self.state_dir)
+        self.public_set: PublicSet | None = None
+        try:
+            self._refresh_public_set()
+        except PublicSetError as exc:
+            raise StateError(f"public set: {exc}") from exc
+
+    def _refresh_public_set(self) -> None:
+        """Load the current public-set version; note from which round on it is announced, so
+        results of rounds run on different versions stay apart."""
+        current = self.public_sets.current()
+        if current is None or (self.public_set is not None and current.digest == self.public_set.digest):
+            return
+        history = self.stats.setdefault("public_sets", [])
+        if not history or history[-1]["digest"] != current.digest.hex():
+            history.append({"version": current.version, "digest": current.digest.hex(),
+                            "from_round": self.machine.round, "announced_at": time.time()})
+            self.persist()
+        self.public_set = current
+        logger.info("public set %s announced from round=%d test=%d transfer=%d", current.label,
+                    history[-1]["from_round"], current.test, current.transfer)
 
     def _round_settings(self, cfg: CpmSection) -> RoundSettings:
         ids, _addrs = merged_roster(cfg.roster, cfg.roster_file)
@@ -110,6 +133,10 @@ class CpmService:
     # ---- operations -------------------------------------------------------------------
     def reload(self, new: CpmSection) -> list[str]:
         """Apply the reloadable part of a re-read config (SIGHUP); returns what was ignored."""
+        try:
+            self._refresh_public_set()
+        except PublicSetError as exc:
+            logger.error("reload: public set not changed: %s", exc)
         applied, ignored = diff_settings(self.cfg, new, RELOADABLE)
         if ignored:
             logger.warning("reload: %s changed but need a restart; not applied", ", ".join(ignored))
@@ -138,6 +165,7 @@ class CpmService:
             "peers": sorted(peer_id_str(p)[-8:] for p in host.connected_peers()) if host else [],
             "uptime_s": round(time.time() - self.started, 1), "metrics_port": self.metrics_port,
             "health": "ok" if host is not None else "starting",
+            "public_set": self.public_set.label if self.public_set else None,
         }
 
     # ---- persistence ------------------------------------------------------------------
@@ -214,6 +242,19 @@ class CpmService:
                 self._reject(reply.code)
         await self._reply(stream, reply)
 
+    async def handle_public_set(self, stream: FramedStream) -> None:
+        """PUBLIC_SET_PROTOCOL: the signed announce of the current version, or its chunks."""
+        try:
+            outcome = await serve_public_set(
+                stream, self.public_set, federation=self.cfg.federation, identity=self.identity,
+                allowed=lambda p: not self.settings.roster or p in self.settings.roster, round_=self.machine.round)
+        except StreamBroken as exc:
+            logger.info("public set stream to %s broke: %s", short(stream.remote_peer), exc)
+            return
+        if outcome not in ("announce", "fetch", "none"):
+            self._reject(outcome, "public_set")
+        logger.info("public set peer=%s request=%s", short(stream.remote_peer), outcome)
+
     async def _reply(self, stream: FramedStream, reply: Reply) -> None:
         await self._send(stream, encode(reply))
 
@@ -280,6 +321,7 @@ async def serve(cfg: CpmSection, *, service: CpmService | None = None,
             svc._host = host
             host.set_topic_validator(svc.topic, svc.valid_directive_message)
             host.set_handler(CPM_PROTOCOL, svc.handle_stream)
+            host.set_handler(PUBLIC_SET_PROTOCOL, svc.handle_public_set)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(svc.drain, host)
                 nursery.start_soon(svc.round_loop, host)
