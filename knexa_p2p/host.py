@@ -27,7 +27,9 @@ from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.network.config import ConnectionConfig
+from libp2p.peer.envelope import seal_record, unmarshal_envelope
 from libp2p.peer.id import ID
+from libp2p.peer.peer_record import PeerRecord
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.pb import rpc_pb2
@@ -218,6 +220,22 @@ class P2PHost:
         unblock = getattr(self._host.get_network(), "unblock_peer", None)
         if unblock is not None:
             unblock(peer)
+
+    def signed_record(self) -> bytes:
+        """Our libp2p signed peer record (listen addresses, timestamp seq) as envelope bytes."""
+        addrs = [multiaddr.Multiaddr(str(a).split("/p2p/")[0]) for a in self._host.get_addrs()]
+        record = PeerRecord(self._host.get_id(), addrs)
+        return seal_record(record, self._host.get_private_key()).marshal_envelope()
+
+    def learn_record(self, envelope: bytes) -> bool:
+        """Put a signed peer record into the peerstore: libp2p checks that its signer is the peer
+        it names, keeps the newest seq and replaces that peer's old addresses, so a member that
+        moved is dialled at its new address. False if it was older or did not verify."""
+        try:
+            env = unmarshal_envelope(envelope)
+        except Exception:  # protobuf/key errors: not a record
+            return False
+        return bool(self._host.get_peerstore().consume_peer_record(env, ttl=0))
 
     def is_connected(self, peer: bytes) -> bool:
         return bool(self._host.get_network().get_connections(ID(peer)))
