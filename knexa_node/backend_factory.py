@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .config import NodeConfig
 from .errors import ConfigError
 
 __all__ = ["create_backend"]
 
 
-def create_backend(cfg: NodeConfig):  # -> TorchBackend; annotated loosely to keep torch lazy
+def create_backend(cfg: NodeConfig, public_dir: Path | None = None):  # -> TorchBackend (torch stays lazy)
+    """The node's backend; `public_dir` (the verified public set) overrides the configured one."""
     from .models import default_cache_dir
     from .torch_backend import LearningConfig, TorchBackend
 
@@ -19,4 +22,4 @@ def create_backend(cfg: NodeConfig):  # -> TorchBackend; annotated loosely to ke
     n = cfg.node
     assert n.data_dir is not None  # checked by cli._validate
     return TorchBackend.create(n.model, n.data_dir, learning, cache_dir=default_cache_dir(),
-                               public_dir=n.public_dir)
+                               public_dir=public_dir or n.public_dir)

@@ -144,8 +144,12 @@ async def _run(args: argparse.Namespace, cfg: NodeConfig) -> None:
     identity = load_or_create_identity(n.state_dir / "identity.key")
     kem = load_or_create_kem_key(n.state_dir / "kem.key")
     logger.info("node peer=%s model=%s federation=%s", identity.peer_id, n.model, n.federation)
-    backend = await trio.to_thread.run_sync(create_backend, cfg)
-    svc = NodeService(n, backend, identity, kem)
+    local_public = n.public_dir or (n.data_dir.parent / "public" if n.data_dir else None)
+    if local_public is not None and (local_public / "test.jsonl").is_file() and (local_public / "transfer.jsonl").is_file():
+        backend = await trio.to_thread.run_sync(create_backend, cfg)  # checked against the CPM's public set later
+        svc = NodeService(n, backend, identity, kem)
+    else:  # no public set here yet: fetch it from the CPM first, then load the model on it
+        svc = NodeService(n, None, identity, kem, make_backend=lambda public_dir: create_backend(cfg, public_dir))
 
     def reload() -> None:
         svc.reload(_node_config(args).node)
@@ -229,12 +233,14 @@ def main(argv: list[str] | None = None) -> int:
     from knexa_p2p.identity import IdentityError
     from knexa_runtime.exceptions import run_mapped
     from knexa_runtime.roster import RosterError
+    from protocol import RemoteProtocolError
 
     from .models import ModelLoadError
 
     known: dict[type[BaseException], ExitCode] = {
         ModelLoadError: ExitCode.MODEL, ConfigError: ExitCode.CONFIG, IdentityError: ExitCode.CONFIG,
         RosterError: ExitCode.CONFIG, UnreachableError: ExitCode.NETWORK, OSError: ExitCode.NETWORK,
+        RemoteProtocolError: ExitCode.NETWORK,  # e.g. a public set that fails its digest, or refused
     }
     return run_mapped(lambda: trio.run(_run, args, cfg), known, "knexa-node")
 

@@ -15,8 +15,9 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,6 +43,7 @@ from protocol import (
     PackageBody,
     PackageItem,
     Profile,
+    PublicSetAnnounce,
     RemoteProtocolError,
     Reply,
     ReplyCode,
@@ -59,10 +61,13 @@ from protocol import (
     sign,
 )
 
+from . import public_set as public_set_mod
 from .backend import Answer, ModelBackend
 from .config import NodeSection
 from .errors import UnreachableError
 from .profile import PerfPoint, build_profile, sanitize_profile
+from .public_set import PublicSetMismatch
+from .public_set import label as public_set_label
 from .reward import compute_reward
 
 __all__ = ["RELOADABLE", "NodeService"]
@@ -104,11 +109,19 @@ def parse_peer(maddr: str) -> bytes:
 
 
 class NodeService:
-    def __init__(self, cfg: NodeSection, backend: ModelBackend, identity: Identity, kem_key: Any) -> None:
+    def __init__(self, cfg: NodeSection, backend: ModelBackend | None, identity: Identity, kem_key: Any, *,
+                 make_backend: Callable[[Path | None], ModelBackend] | None = None) -> None:
+        """`backend` None: build it with `make_backend(public_dir)` once the public set is known
+        (fetched from the CPM if this node had none), before the first round."""
         import base58
 
+        if backend is None and make_backend is None:
+            raise ValueError("NodeService needs a backend or make_backend")
         self.cfg = cfg
-        self.backend = backend
+        self.backend: ModelBackend = backend  # type: ignore[assignment]  # set in run() when None
+        self._make_backend = make_backend
+        #: the federation's public set this node verified (None: the CPM publishes none)
+        self.public_set: PublicSetAnnounce | None = None
         self.identity = identity
         self.me = identity.peer_bytes
         self.kem_key = kem_key
@@ -250,7 +263,9 @@ class NodeService:
         cpm_ok = bool(host and host.is_connected(self.cpm_peer))
         return {
             "daemon": "knexa-node", "peer": peer_id_str(self.me), "federation": self.cfg.federation,
-            "model": self.backend.model_name, "round": self.round, "completed": self.completed,
+            "model": self.backend.model_name if self.backend is not None else self.cfg.model,
+            "public_set": public_set_label(self.public_set) if self.public_set else None,
+            "round": self.round, "completed": self.completed,
             "phase": self.phase, "phase_for_s": round(time.time() - self.phase_since, 1),
             "health": "ok" if cpm_ok else ("starting" if host is None else "cpm unreachable"),
             "peers": sorted(peer_id_str(p)[-8:] for p in host.connected_peers()) if host else [],
@@ -454,7 +469,41 @@ class NodeService:
                                f"{self.cfg.cpm_connect_timeout_s:.0f}s ({last})")
 
     # ---- rounds -------------------------------------------------------------------------
+    async def _sync_public_set(self, host: P2PHost) -> None:
+        """Verify (or fetch) the CPM's public set, then build the backend if it was deferred."""
+        if self.backend is not None:  # already loaded: its folder must hold the announced version
+            public_dir = self.cfg.public_dir or (self.cfg.data_dir.parent / "public" if self.cfg.data_dir else None)
+            ann = await public_set_mod.ask_until_answered(host, self.cpm_peer, self.identity, self.cfg.federation,
+                                                          timeout=self.cfg.stream_timeout_s)
+            if ann is not None:
+                problem = public_set_mod.check_local(public_dir, ann) if public_dir else public_set_mod.MISSING
+                if problem is not None:
+                    raise PublicSetMismatch(f"public set: {public_dir} {problem}, but the CPM announces "
+                                            f"{public_set_label(ann)}; no round runs on it")
+            self.public_set = ann
+            return
+        ann, folder = await public_set_mod.ensure(host, self.cpm_peer, self.identity, federation=self.cfg.federation,
+                                                  state_dir=self.state_dir, public_dir=self.cfg.public_dir,
+                                                  timeout=self.cfg.stream_timeout_s)
+        self.public_set = ann
+        assert self._make_backend is not None
+        self.backend = await self._ml_call(self._make_backend, folder)
+
+    async def _check_public_set(self, host: P2PHost) -> None:
+        """Before every round: refuse it if the CPM now announces another public set."""
+        ann = await public_set_mod.ask_until_answered(host, self.cpm_peer, self.identity, self.cfg.federation,
+                                                      timeout=self.cfg.stream_timeout_s)
+        mine = self.public_set.digest if self.public_set else None
+        if (ann.digest if ann else None) != mine:
+            have = public_set_label(self.public_set) if self.public_set else "no public set"
+            now = public_set_label(ann) if ann else "none"
+            raise PublicSetMismatch(f"public set changed: this node runs {have}, the CPM now announces {now}; "
+                                    f"round {self.round} not started (restart the node to fetch the new version; "
+                                    "rounds of each version are kept apart)")
+
     async def run_round(self, host: P2PHost) -> None:
+        with self._phase("public_set"):
+            await self._check_public_set(host)
         t0 = time.time()
         self.round_phases = {}
         budget0 = self._budget()
@@ -480,6 +529,7 @@ class NodeService:
             "perplexity": ev.perplexity, "pass_at_1": ev.pass_at_1, "codebleu": ev.codebleu,
             "role": "idle", "partner": None, "train_examples": train.examples,
             "train_samples_per_s": round(train.examples / train.seconds, 3) if train.seconds > 0 else None,
+            "public_set": public_set_label(self.public_set) if self.public_set else None,
         }
         directive = None
         if accepted:
@@ -652,6 +702,8 @@ class NodeService:
                 nursery.start_soon(self.keep_connected, host)
                 with self._phase("connect_cpm"):
                     await self.wait_for_cpm(host)
+                with self._phase("public_set"):
+                    await self._sync_public_set(host)
                 nursery.start_soon(self.listen_directives, host)
                 with self._phase("load_checkpoint"):
                     resumed = await self._ml_call(self.backend.load_checkpoint, self.state_dir / "checkpoint")
