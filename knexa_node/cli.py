@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import data_cli
 
     data_cli.configure_parser(sub)
+    data_cli.configure_public_set_parser(sub)
 
     status = sub.add_parser("status", help="ask the running node for its round, phase, peers and last matches",
                             description="Query the running daemon through its control socket "
@@ -214,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
         from . import data_cli
 
         return data_cli.run(args)
+    if args.command == "public-set":
+        from . import data_cli
+
+        return data_cli.run_public_set(args)
     if getattr(args, "offline", False):
         import os
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .errors import ExitCode
 
-__all__ = ["configure_parser", "run"]
+__all__ = ["configure_parser", "configure_public_set_parser", "run", "run_public_set"]
 
 
 def configure_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -39,6 +39,51 @@ def configure_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     prep.add_argument("--timeout", type=float, default=10.0, help="sandbox seconds per reference solution")
     prep.add_argument("--workers", type=int, default=2, help="sandboxes run in parallel")
     prep.add_argument("--force", action="store_true", help="replace train/val/manifest/rejected files in --out")
+
+
+def configure_public_set_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    ps = sub.add_parser("public-set", help="fetch the federation's public sets (transfer X_u + test) from the CPM",
+                        description="Public-set commands. The daemon fetches and verifies the public set by itself; "
+                        "this lets an organization get it before its first start, e.g. for `data prepare --public`.")
+    pss = ps.add_subparsers(dest="public_set_command", required=True)
+    fetch = pss.add_parser("fetch", help="fetch and verify the CPM's current public set; print its folder",
+                           description="Connect to the CPM with this node's identity (it must be on the roster), "
+                           "fetch the announced public set if this node has none, verify its digest, and print "
+                           "the folder holding test.jsonl and transfer.jsonl.")
+    fetch.add_argument("--config", type=Path, required=True, help="the node's config file (from `knexa-node init`)")
+
+
+def run_public_set(args: argparse.Namespace) -> int:
+    import trio
+
+    from knexa_p2p.host import DialError
+    from knexa_runtime.config import ConfigError, load_config
+    from knexa_runtime.exceptions import leaf_of
+    from protocol import RemoteProtocolError
+
+    from .config import NodeConfig
+    from .public_set import fetch_for_config, label
+
+    try:
+        cfg = load_config(NodeConfig, args.config).node
+        if not cfg.cpm:
+            raise ConfigError(f"{args.config}: no `cpm` address set")
+        ann, folder = trio.run(fetch_for_config, cfg)
+    except BaseException as exc:  # trio wraps failures in exception groups: report the leaf
+        leaf = leaf_of(exc, (ConfigError, DialError, RemoteProtocolError, OSError))
+        if leaf is None:
+            raise
+        if isinstance(leaf, ConfigError):
+            print(f"knexa-node: {leaf}", file=sys.stderr)
+            return ExitCode.CONFIG
+        print(f"knexa-node: cannot get the public set from the CPM: {leaf}", file=sys.stderr)
+        return ExitCode.NETWORK
+    if ann is None:
+        print("the CPM publishes no public set (its operator runs `knexa-cpm public-set add`)")
+        return ExitCode.OK
+    print(f"public set {label(ann)} in {folder}\n"
+          f"remove your rows that overlap it with: knexa-node data prepare FILES --out DIR --public {folder}")
+    return ExitCode.OK
 
 
 def run(args: argparse.Namespace) -> int:

@@ -56,7 +56,8 @@ from protocol._limits import FRAME_CAPS
 
 from .data import read_jsonl, write_jsonl
 
-__all__ = ["MISSING", "PublicSetMismatch", "bundle_dir", "check_local", "fetch", "install", "label", "query"]
+__all__ = ["MISSING", "PublicSetMismatch", "ask_until_answered", "bundle_dir", "check_local", "ensure", "fetch",
+           "fetch_for_config", "install", "label", "query"]
 
 logger = logging.getLogger("knexa_node")
 MISSING = "has no public set"
@@ -210,3 +211,24 @@ async def ensure(host: P2PHost, cpm: bytes, identity: Any, *, federation: str, s
                                 f"no round runs on it ({fix})")
     logger.info("public set %s verified in %s", label(ann), folder)
     return ann, folder
+
+
+async def fetch_for_config(cfg: Any) -> tuple[PublicSetAnnounce | None, Path | None]:
+    """`knexa-node public-set fetch`: get the public set with the node's own identity, before the
+    daemon first starts (so `knexa-node data prepare --public DIR` can remove overlapping rows).
+
+    Args:
+        cfg: the node's NodeSection (state_dir, cpm, federation, public_dir, timeouts).
+    Raises:
+        DialError: the CPM is unreachable. PublicSetMismatch / RemoteProtocolError: as `ensure`.
+    """
+    from knexa_p2p.host import open_host
+    from knexa_p2p.identity import load_or_create_identity
+
+    from .service import parse_peer
+
+    identity = load_or_create_identity(Path(cfg.state_dir) / "identity.key")
+    async with open_host(identity, ("/ip4/127.0.0.1/tcp/0",)) as host:
+        await host.connect(cfg.cpm, timeout=cfg.cpm_connect_timeout_s or 30.0)
+        return await ensure(host, parse_peer(cfg.cpm), identity, federation=cfg.federation,
+                            state_dir=Path(cfg.state_dir), public_dir=cfg.public_dir, timeout=cfg.stream_timeout_s)

@@ -151,3 +151,28 @@ async def test_stale_or_tampered_bundles_refuse_to_start_rounds(tmp_path: Path) 
 
     history = load_state(cpm_state)["stats"]["public_sets"]
     assert [h["version"] for h in history] == [2, 3]
+
+
+async def test_public_set_fetch_before_the_first_start(tmp_path: Path) -> None:
+    """`knexa-node public-set fetch`: an organization gets the public set with its node identity
+    (so `data prepare --public` can drop overlapping rows) before its daemon ever ran."""
+    from knexa_node.public_set import fetch_for_config
+
+    publish(tmp_path / "cpm", tmp_path, 2, "v1")
+    roster = _roster(tmp_path, 1)
+    async with trio.open_nursery() as nursery:
+        addrs = await nursery.start(serve, CpmSection(federation="t", state_dir=tmp_path / "cpm", roster=tuple(roster)))
+        cfg = NodeSection(federation="t", state_dir=tmp_path / "node-0", cpm=addrs[0], stream_timeout_s=10)
+        with trio.fail_after(30):
+            ann, folder = await fetch_for_config(cfg)
+            assert ann is not None and folder == bundle_dir(cfg.state_dir, ann)
+            assert [p["task_id"] for p in read_jsonl(folder / "transfer.jsonl")] == ["X/0", "X/1", "X/2"]
+            stranger = NodeSection(federation="t", state_dir=tmp_path / "stranger", cpm=addrs[0], stream_timeout_s=5,
+                                   cpm_connect_timeout_s=5)
+            with pytest.raises(BaseException) as info:  # noqa: PT011  # trio wraps it in exception groups
+                await fetch_for_config(stranger)  # not on the roster: no public set for it
+            from knexa_p2p.host import DialError
+            from protocol import RemoteProtocolError
+
+            assert leaf_of(info.value, (DialError, RemoteProtocolError)) is not None, info.value
+        nursery.cancel_scope.cancel()
