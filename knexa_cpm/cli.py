@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Synthetic federation study: LinUCB (both context builders) vs random, "
                          "heuristic and an oracle, with CSV, plots and a markdown table.")
     simulate.configure_parser(sim)
+    from . import privacy_study
+
+    priv = sub.add_parser("privacy-study", help="matching quality against the profile noise's epsilon",
+                          description="Fraction of the oracle's gain that LinUCB keeps when profiles carry "
+                          "Laplace noise of each epsilon (the synthetic federation of `simulate`).")
+    privacy_study.configure_parser(priv)
 
     return parser
 
@@ -136,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
         from . import simulate
 
         return simulate.run(args)
+    if args.command == "privacy-study":
+        from . import privacy_study
+
+        return privacy_study.run(args)
     if args.command == "init":
         return _init(args)
     if args.command == "public-set":

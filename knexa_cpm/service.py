@@ -57,6 +57,9 @@ __all__ = ["RELOADABLE", "CpmService", "serve"]
 logger = logging.getLogger("knexa_cpm")
 REQUEST_CAP = 8 * 1024
 READ_TIMEOUT_S = 10.0
+#: accepted rewards kept in stats["rewards"] (newest last) for status and post-mortems; the state
+#: file is rewritten on every reward, so an unbounded log would make each write grow forever
+REWARD_LOG_KEEP = 1000
 #: settings SIGHUP applies to a running CPM; the rest (listen, state_dir, federation, policy
 #: and its hyper-parameters) shape persisted state or sockets and need a restart
 RELOADABLE = ("roster", "roster_file", "expected_nodes", "quorum", "round_timeout_s", "min_participants",
@@ -93,6 +96,7 @@ class CpmService:
                 raise StateError(f"{self.state_dir}: saved state does not fit this configuration ({exc}); "
                                  "restore the old policy/context settings or move the state away") from exc
             self.stats = saved["stats"]
+            del self.stats["rewards"][:-REWARD_LOG_KEEP]
             logger.info("resumed state %s updates=%d", self.machine.describe(), self.stats["updates"])
         if not roster:
             logger.warning("no roster configured: any peer that connects may take part")
@@ -193,6 +197,12 @@ class CpmService:
         logger.warning("dropped pubsub message origin=%s reason=not_cpm", short(origin))
         return False
 
+    def _log_reward(self, row: list[Any]) -> None:
+        """Append an accepted reward to stats["rewards"], keeping the newest REWARD_LOG_KEEP."""
+        rewards = self.stats["rewards"]
+        rewards.append(row)
+        del rewards[:-REWARD_LOG_KEEP]
+
     def _reject(self, reason: str, kind: str = "request") -> None:
         self.stats["rejected"][reason] = self.stats["rejected"].get(reason, 0) + 1
         self.metrics.rejected.labels(kind, reason).inc()
@@ -225,7 +235,7 @@ class CpmService:
                     self.policy.observe(np.asarray(entry.teacher_profile), np.asarray(entry.student_profile), msg.reward)
                     self.metrics.rewards.observe(msg.reward)
                     self.stats["updates"] += 1
-                    self.stats["rewards"].append([msg.round, peer_id_str(msg.teacher), peer_id_str(msg.student), msg.reward])
+                    self._log_reward([msg.round, peer_id_str(msg.teacher), peer_id_str(msg.student), msg.reward])
                     self.persist()
                 logger.info("reward peer=%s round=%d teacher=%s reward=%.4f ok=%s code=%s", short(peer), msg.round,
                             short(msg.teacher), msg.reward, reply.ok, reply.code)

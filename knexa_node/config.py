@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,9 +40,12 @@ class NodeSection:
     #: Eq. 3: r = gamma * (L_pre - L_post) - delta * KB
     reward_gamma: float = 1.0
     reward_delta: float = 0.001
-    #: profile sanitization: rounding decimals and optional Laplace epsilon (0 = no noise)
+    #: profile sanitization: rounding decimals; Laplace epsilon per noised profile (0 = no noise,
+    #: unbounded privacy loss); total epsilon budget, after which the dynamic features are frozen
+    #: at their last noised values (0 = no limit). Defaults: knexa_node.profile, docs/security.md
     profile_decimals: int = 2
-    profile_epsilon: float = 0.0
+    profile_epsilon: float = 100.0
+    profile_epsilon_budget: float = 5000.0
     #: evaluate once more after the last round (for the final summary)
     final_eval: bool = True
     log_level: str = "INFO"
@@ -60,6 +64,10 @@ class NodeSection:
             raise ValueError("rounds must be >= 0")
         if self.max_package_bytes <= 0:
             raise ValueError("max_package_bytes must be > 0")
+        if not (math.isfinite(self.profile_epsilon) and self.profile_epsilon >= 0):
+            raise ValueError("profile_epsilon must be >= 0 (0 = no noise)")
+        if not (math.isfinite(self.profile_epsilon_budget) and self.profile_epsilon_budget >= 0):
+            raise ValueError("profile_epsilon_budget must be >= 0 (0 = no limit)")
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,25 +34,39 @@ Laplace noise (perf and histogram only), re-clip, renormalise the histogram, the
 ``decimals`` (rounding last is post-processing, so it keeps the noise's guarantee; the histogram
 is rounded by largest remainder so it still sums to exactly 1). The output holds only numbers in
 known ranges: no free text, no identifiers (the peer id travels in the message envelope).
+
+Noise comes from the OS's CSPRNG (:func:`laplace_noise`, ``secrets.SystemRandom``): nothing the
+CPM knows (peer id, round, earlier profiles) predicts it, and a restart does not replay it.
+:class:`PrivacyAccountant` meters the releases: each noised profile costs ``epsilon`` (basic
+sequential composition), the spent total is persisted with the node's state, and once the next
+release would exceed the budget the node stops releasing fresh dynamic features and re-sends the
+last noised ones (post-processing of an earlier release, which costs nothing). See
+docs/security.md "Profile privacy" for the defaults and the measured utility curve.
 """
 
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from protocol import CATEGORIES, FAMILIES, FAMILY_SLICE, HIST_SLICE, PERF_SLICE, PROFILE_DIM
 
 __all__ = [
+    "DEFAULT_EPSILON",
+    "DEFAULT_EPSILON_BUDGET",
     "LOWER",
     "PERF_FEATURES",
     "UPPER",
     "PerfPoint",
+    "PrivacyAccountant",
     "build_profile",
     "family_of",
+    "laplace_noise",
     "laplace_sensitivity",
     "sanitize_profile",
 ]
@@ -64,6 +78,11 @@ PERF_FEATURES: tuple[str, ...] = (
 )  # fmt: skip
 PPL_CAP = 1000.0
 EMA_ALPHA = 0.5
+#: default per-round epsilon of the Laplace noise, chosen from the measured matching-quality curve
+#: (docs/security.md "Profile privacy"; `knexa-cpm privacy-study`)
+DEFAULT_EPSILON = 100.0
+#: default total budget: 50 fresh releases at the default epsilon, then the profile is frozen
+DEFAULT_EPSILON_BUDGET = 5000.0
 
 _FAMILY_ALIASES: dict[str, str] = {
     "llama": "llama", "codellama": "llama",
@@ -159,7 +178,9 @@ def sanitize_profile(
         epsilon: Laplace privacy budget per release (see :func:`laplace_sensitivity`); None = no
             noise. The family one-hot is never noised: it is needed for matching and reveals
             only the backbone family.
-        rng: noise source; default a fresh OS-seeded generator (never seed it in production).
+        rng: noise source for simulations and tests only; default (None) draws from the OS's
+            CSPRNG through :func:`laplace_noise`. Never pass a seeded generator in a node: anyone
+            who knows the seed can subtract the noise.
     Raises:
         ValueError: wrong shape, NaN or +-inf anywhere, bad decimals or epsilon.
     """
@@ -178,14 +199,139 @@ def sanitize_profile(
     onehot[int(np.argmax(out[FAMILY_SLICE]))] = 1.0
     out[FAMILY_SLICE] = onehot
     if epsilon is not None:
-        gen = rng if rng is not None else np.random.default_rng()
         scale = laplace_sensitivity() / epsilon
-        out[_NOISED] += gen.laplace(0.0, scale, size=int(_NOISED.sum()))
+        out[_NOISED] += laplace_noise(scale, int(_NOISED.sum()), rng=rng)
         out = np.clip(out, LOWER, UPPER)
     out[PERF_SLICE] = np.round(out[PERF_SLICE], decimals)
     out[HIST_SLICE] = _round_distribution(_normalise_histogram(out[HIST_SLICE]), decimals)
     out += 0.0  # turns any -0.0 into 0.0
     return out
+
+
+def laplace_noise(scale: float, size: int, *, rng: np.random.Generator | None = None) -> np.ndarray:
+    """``size`` draws of Laplace(0, ``scale``); from ``secrets.SystemRandom`` (the OS CSPRNG) unless
+    a generator is passed (simulations and tests only).
+
+    Inverse CDF: for u uniform on (-1/2, 1/2), ``-scale * sign(u) * ln(1 - 2|u|)``. The OS draws are
+    53-bit floats; u = -1/2 exactly (probability 2**-53) is redrawn so the result stays finite.
+    """
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be positive and finite, got {scale!r}")
+    if rng is not None:
+        return rng.laplace(0.0, scale, size=size)
+    source = secrets.SystemRandom()
+    out = np.empty(size, dtype=np.float64)
+    for i in range(size):
+        u = 0.0
+        while u == 0.0:
+            u = source.random()
+        u -= 0.5
+        out[i] = -scale * math.copysign(1.0, u) * math.log(1.0 - 2.0 * abs(u))
+    return out
+
+
+class PrivacyAccountant:
+    """Per-release epsilon, a total budget, and what the node sends once the budget is spent.
+
+    Composition is basic (sequential): k releases of an epsilon-DP mechanism are (k * epsilon)-DP.
+    Advanced composition (Dwork, Rothblum and Vadhan 2010) gives
+    ``sqrt(2k ln(1/delta)) * eps + k * eps * (e**eps - 1)``, whose second term alone is at least
+    ``k * eps`` once eps >= ln 2, whatever k and delta; useful profiles need eps in the tens (the
+    sensitivity is 17, :func:`laplace_sensitivity`), so the basic sum is the tighter bound here.
+
+    Args:
+        epsilon: cost of one noised release; 0 turns noise off (nothing is accounted: the spent
+            budget is then unbounded and reported as such).
+        budget: total epsilon the node may spend; ``math.inf`` = no limit. When the next release
+            would exceed it, :meth:`release` re-sends the last noised dynamic features (or, if
+            there never was one, the data-independent "nothing known" features and a uniform
+            histogram), which costs nothing.
+    """
+
+    def __init__(self, epsilon: float, budget: float = math.inf) -> None:
+        self.epsilon = 0.0
+        self.budget = math.inf
+        self.configure(epsilon, budget)
+        self.spent = 0.0
+        self.releases = 0
+        self.unnoised_releases = 0  # sent with noise off: their privacy loss is unbounded
+        self.frozen_releases = 0
+        self.last: np.ndarray | None = None  # the dynamic dims (perf + histogram) last released
+
+    def configure(self, epsilon: float, budget: float) -> None:
+        """Set the per-release epsilon and the total budget (SIGHUP); what was spent stays spent."""
+        if not (math.isfinite(epsilon) and epsilon >= 0):
+            raise ValueError(f"epsilon must be >= 0 and finite, got {epsilon!r}")
+        if math.isnan(budget) or budget < 0:
+            raise ValueError(f"budget must be >= 0 (inf = no limit), got {budget!r}")
+        self.epsilon = float(epsilon)
+        self.budget = float(budget)
+
+    @property
+    def noise_on(self) -> bool:
+        return self.epsilon > 0
+
+    def can_release(self) -> bool:
+        """True when a fresh noised release fits the remaining budget (always, with noise off)."""
+        if not self.noise_on:
+            return True
+        return self.spent + self.epsilon <= self.budget * (1 + 1e-12)
+
+    @property
+    def exhausted(self) -> bool:
+        return not self.can_release()
+
+    def release(self, raw: np.ndarray, *, decimals: int = 2, rng: np.random.Generator | None = None) -> np.ndarray:
+        """The sanitized vector to send this round, charging the budget if it is a fresh release.
+
+        Raises:
+            ValueError: as :func:`sanitize_profile`.
+        """
+        if self.can_release():
+            out = sanitize_profile(raw, decimals=decimals, epsilon=self.epsilon or None, rng=rng)
+            if self.noise_on:
+                self.spent += self.epsilon
+            else:
+                self.unnoised_releases += 1
+            self.releases += 1
+            self.last = out[_NOISED].copy()
+            return out
+        out = sanitize_profile(raw, decimals=decimals)  # validates; only the family one-hot is kept
+        if self.last is not None:
+            out[_NOISED] = self.last
+        else:
+            out[PERF_SLICE] = _perf_features(())
+            out[HIST_SLICE] = _round_distribution(np.full(len(CATEGORIES), 1.0 / len(CATEGORIES)), decimals)
+        self.frozen_releases += 1
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        """What `status` shows: per-round epsilon, spent and total budget, releases, exhaustion."""
+        return {
+            "noise": "laplace" if self.noise_on else "off",
+            "epsilon_per_round": self.epsilon,
+            "epsilon_spent": None if self.unnoised_releases else round(self.spent, 6),  # None = unbounded
+            "epsilon_budget": None if math.isinf(self.budget) else self.budget,
+            "releases": self.releases,
+            "frozen_releases": self.frozen_releases,
+            "exhausted": self.exhausted,
+        }
+
+    def to_state(self) -> dict[str, Any]:
+        return {"spent": self.spent, "releases": self.releases, "unnoised_releases": self.unnoised_releases,
+                "frozen_releases": self.frozen_releases,
+                "last": None if self.last is None else [float(x) for x in self.last]}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`to_state` saved (the spent budget survives restarts and config changes)."""
+        self.spent = float(state.get("spent", 0.0))
+        self.releases = int(state.get("releases", 0))
+        self.unnoised_releases = int(state.get("unnoised_releases", 0))
+        self.frozen_releases = int(state.get("frozen_releases", 0))
+        last = state.get("last")
+        self.last = None if last is None else np.asarray(last, dtype=np.float64)
+        if self.last is not None and self.last.shape != (int(_NOISED.sum()),):
+            raise ValueError(f"saved privacy state has {self.last.shape} dynamic dims, expected {int(_NOISED.sum())}")
 
 
 def _perf_features(history: Sequence[PerfPoint]) -> np.ndarray:

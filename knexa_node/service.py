@@ -65,7 +65,7 @@ from . import public_set as public_set_mod
 from .backend import Answer, ModelBackend
 from .config import NodeSection
 from .errors import UnreachableError
-from .profile import PerfPoint, build_profile, sanitize_profile
+from .profile import PerfPoint, PrivacyAccountant, build_profile
 from .public_set import PublicSetMismatch
 from .public_set import label as public_set_label
 from .reward import compute_reward
@@ -79,7 +79,7 @@ ROUNDS_FILE = "rounds.jsonl"
 #: define who and what the node is and need a restart
 RELOADABLE = ("bootstrap", "roster", "roster_file", "directive_timeout_s", "directive_poll_s",
               "package_timeout_s", "stream_timeout_s", "reward_gamma", "reward_delta", "profile_decimals",
-              "profile_epsilon", "log_level", "stop_grace_s", "cpm_connect_timeout_s")
+              "profile_epsilon", "profile_epsilon_budget", "log_level", "stop_grace_s", "cpm_connect_timeout_s")
 
 
 def short(peer: bytes) -> str:
@@ -149,12 +149,17 @@ class NodeService:
         self._inbox_round: dict[bytes, int] = {}
         self._waiting: set[bytes] = set()
         self._ml = trio.CapacityLimiter(1)
-        self._rng = np.random.default_rng(int.from_bytes(self.me[-8:], "big"))
         state = self._load_state()
         self.round: int = state.get("round", 0)
         self.completed: int = state.get("completed", 0)
         self.history: list[PerfPoint] = [PerfPoint(**p) for p in state.get("history", [])]
         self.counters: dict[str, int] = state.get("counters", {})
+        # profile noise is drawn from the OS CSPRNG; the spent epsilon survives restarts
+        self.privacy = PrivacyAccountant(cfg.profile_epsilon, cfg.profile_epsilon_budget or math.inf)
+        self.privacy.load_state(state.get("privacy", {}))
+        self.metrics.observe_privacy(self.privacy.summary())
+        if "replay" in state:  # consumed directives stay consumed across restarts
+            self.book = DirectiveBook.from_state(state["replay"])
         self.host: P2PHost | None = None
         self.last_rounds: deque[dict[str, Any]] = deque(self._tail_rounds(5), maxlen=5)
         self.metrics.round.set(self.round)
@@ -170,6 +175,7 @@ class NodeService:
         atomic_write_json(self.state_dir / STATE_FILE, {
             "round": self.round, "completed": self.completed,
             "history": [asdict(p) for p in self.history], "counters": self.counters,
+            "privacy": self.privacy.to_state(), "replay": self.book.to_state(),
         })
 
     def _tail_rounds(self, n: int) -> list[dict[str, Any]]:
@@ -247,6 +253,7 @@ class NodeService:
         ids, addrs = merged_roster(cfg.roster, cfg.roster_file)
         self.cfg = cfg
         self.roster = frozenset(base58.b58decode(p) for p in ids)
+        self.privacy.configure(cfg.profile_epsilon, cfg.profile_epsilon_budget or math.inf)
         self.roster_addrs = addrs
         set_level(cfg.log_level)
         logger.info("reload: applied %s; roster=%d dial=%d", sorted(applied) or "nothing new", len(self.roster),
@@ -271,7 +278,7 @@ class NodeService:
             "peers": sorted(peer_id_str(p)[-8:] for p in host.connected_peers()) if host else [],
             "roster": len(self.roster), "counters": dict(self.counters),
             "uptime_s": round(time.time() - self.started, 1), "metrics_port": self.metrics_port,
-            "last_rounds": list(self.last_rounds),
+            "last_rounds": list(self.last_rounds), "privacy": self.privacy.summary(),
             "round_phase_seconds": {k: round(v, 1) for k, v in self.round_phases.items()},
         }
 
@@ -386,12 +393,14 @@ class NodeService:
                                  max_size=self.cfg.max_package_bytes)
             if sealed.recipient != self.me or sealed.federation != self.cfg.federation:
                 raise UnauthorizedError("package addressed to another node or federation")
-            event = self._directive_events.setdefault(sealed.round, trio.Event())
-            with trio.move_on_after(30):  # the package may overtake the directive by a moment
-                await event.wait()
+            if sealed.round not in self.book.rounds_seen:  # known rounds (saved ones too) need no wait
+                event = self._directive_events.setdefault(sealed.round, trio.Event())
+                with trio.move_on_after(30):  # the package may overtake the directive by a moment
+                    await event.wait()
             self.book.lookup(sealed.directive_id, sealed.round)
             body = open_package(sealed, self.kem_key, max_size=self.cfg.max_package_bytes)
             self.book.consume(sealed.directive_id, sealed.round, teacher=peer, student=self.me)
+            self._save_state()  # with the replay book: after a restart this directive stays used
         except RemoteProtocolError as exc:
             self._reject("package", exc.code)
             logger.warning("rejected package from=%s reason=%s detail=%s", short(peer), exc.code, exc)
@@ -519,8 +528,9 @@ class NodeService:
             perplexity=ev.perplexity if math.isfinite(ev.perplexity) else float("inf"),
         ))
         vector = build_profile(self.backend.family, self.history, self.backend.category_histogram())
-        eps = self.cfg.profile_epsilon or None
-        vector = sanitize_profile(vector, decimals=self.cfg.profile_decimals, epsilon=eps, rng=self._rng)
+        vector = self.privacy.release(vector, decimals=self.cfg.profile_decimals)
+        self._save_state()  # the spent budget is on disk before the profile leaves the node
+        self.metrics.observe_privacy(self.privacy.summary())
         with self._phase("profile"):
             accepted = await self._submit_profile(host, vector)
         entry: dict[str, Any] = {

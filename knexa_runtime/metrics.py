@@ -53,9 +53,34 @@ class DaemonMetrics:
         self.phase_seconds = Histogram("knexa_phase_duration_seconds", "Wall time of a round phase",
                                        ["phase"], buckets=_DURATION_BUCKETS, registry=r)
         self.peers = Gauge("knexa_peers", "libp2p peers currently connected", registry=r)
+        self.privacy_spent = Gauge("knexa_privacy_epsilon_spent",
+                                   "Profile privacy: epsilon spent so far (basic composition; node)", registry=r)
+        self.privacy_budget = Gauge("knexa_privacy_epsilon_budget",
+                                    "Profile privacy: total epsilon budget (+Inf = no limit; node)", registry=r)
+        self.privacy_epsilon = Gauge("knexa_privacy_epsilon_per_round",
+                                     "Profile privacy: epsilon of one noised profile (0 = noise off; node)",
+                                     registry=r)
+        self.privacy_releases = Gauge("knexa_privacy_releases",
+                                      "Profiles sent, by kind: fresh (noised, charged) or frozen (re-sent, free)",
+                                      ["kind"], registry=r)
+        self.privacy_exhausted = Gauge("knexa_privacy_budget_exhausted",
+                                       "1 once the budget is spent and the profile's dynamic features are frozen",
+                                       registry=r)
         self.up = Gauge("knexa_up", "1 while the daemon runs", ["daemon"], registry=r)
         self.up.labels(role).set(1)
         self._server: Any = None
+
+    def observe_privacy(self, summary: dict[str, Any]) -> None:
+        """Export a node's privacy accountant (`PrivacyAccountant.summary()`); a profile ever sent
+        with noise off shows the spent epsilon as +Inf, which is what an un-noised release costs."""
+        spent = summary.get("epsilon_spent")
+        budget = summary.get("epsilon_budget")
+        self.privacy_spent.set(float("inf") if spent is None else float(spent))
+        self.privacy_budget.set(float("inf") if budget is None else float(budget))
+        self.privacy_epsilon.set(float(summary.get("epsilon_per_round", 0.0)))
+        self.privacy_releases.labels("fresh").set(int(summary.get("releases", 0)))
+        self.privacy_releases.labels("frozen").set(int(summary.get("frozen_releases", 0)))
+        self.privacy_exhausted.set(1 if summary.get("exhausted") else 0)
 
     def serve(self, address: str, port: int) -> int:
         """Start the /metrics HTTP endpoint in a background thread; returns the bound port."""

@@ -6,6 +6,7 @@ Pure state with no clock of its own; both daemons keep one and persist it with t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from ._errors import ReplayError, UnauthorizedError
 from ._messages import Match, MatchDirective
@@ -58,6 +59,27 @@ class DirectiveBook:
             raise ReplayError("directive already used")
         self.consumed.add(directive_id)
         return match
+
+    def to_state(self) -> dict[str, Any]:
+        """Plain JSON-able data (hex for bytes), so a daemon can save the book atomically with its
+        state: without it a restart would make every consumed directive fresh again."""
+        return {
+            "window": self.window, "latest_round": self.latest_round,
+            "rounds_seen": sorted(self.rounds_seen),
+            "matches": [[d.hex(), r, m.teacher.hex(), m.student.hex()] for d, (r, m) in self.matches.items()],
+            "consumed": sorted(d.hex() for d in self.consumed),
+        }  # fmt: skip
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> DirectiveBook:
+        """Rebuild a book from :meth:`to_state`; raises ValueError (or KeyError/TypeError) on bad data."""
+        book = cls(window=int(state["window"]), latest_round=int(state["latest_round"]))
+        book.rounds_seen = {int(r) for r in state["rounds_seen"]}
+        for did, r, teacher, student in state["matches"]:
+            raw = bytes.fromhex(did)
+            book.matches[raw] = (int(r), Match(raw, bytes.fromhex(teacher), bytes.fromhex(student)))
+        book.consumed = {bytes.fromhex(d) for d in state["consumed"]} & set(book.matches)
+        return book
 
     def _prune(self) -> None:
         horizon = self.latest_round - self.window
