@@ -93,34 +93,51 @@ def test_identity_file_is_private_and_stable(tmp_path):
 
 
 async def test_plaintext_client_claiming_another_peer_is_refused():
-    """py-libp2p's default host speaks /plaintext/2.0.0; ours must refuse it at negotiation."""
+    """py-libp2p's default host speaks /plaintext/2.0.0; ours must refuse it at negotiation.
+
+    The dial must fail *because security negotiation failed* (not, say, a wrong address), and the
+    same client offering Noise must get through: only the plaintext offer is refused.
+    """
     import multiaddr
     from libp2p import new_host
     from libp2p.crypto.keys import KeyPair
+    from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
     from libp2p.custom_types import TProtocol
+    from libp2p.network.exceptions import SwarmDialAllFailedError
     from libp2p.peer.peerinfo import info_from_p2p_addr
     from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTransport
+    from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID
+    from libp2p.security.noise.transport import Transport as NoiseTransport
+    from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
+    from libp2p.stream_muxer.yamux.yamux import Yamux
+
+    def causes(exc: BaseException) -> list[BaseException]:
+        seen: list[BaseException] = []
+        todo = [exc]
+        while todo:
+            e = todo.pop()
+            if e is None or any(e is s for s in seen):
+                continue
+            seen.append(e)
+            todo += [e.__cause__, e.__context__, *getattr(e, "errors", ())]
+        return seen
 
     victim = ident()
     attacker = ident()
     forged = KeyPair(attacker.key_pair.private_key, victim.key_pair.public_key)
     evil = new_host(key_pair=attacker.key_pair, sec_opt={TProtocol(PLAINTEXT_PROTOCOL_ID): InsecureTransport(forged)})
-    received: list[bytes] = []
+    honest_client = new_host(key_pair=attacker.key_pair, muxer_opt={TProtocol(YAMUX_ID): Yamux}, sec_opt={
+        TProtocol(NOISE_ID): NoiseTransport(attacker.key_pair, noise_privkey=create_x25519_key_pair().private_key)})
     async with open_host(ident()) as honest:
-
-        async def handler(stream):
-            received.append(await stream.receive(max_size=1024, timeout=5))
-
-        honest.set_handler("/t/x", handler)
+        info = info_from_p2p_addr(multiaddr.Multiaddr(honest.addrs()[0]))
         async with evil.run(listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
-            info = info_from_p2p_addr(multiaddr.Multiaddr(honest.addrs()[0]))
-            with pytest.raises(Exception):  # noqa: B017 - any failure is fine; success is not
-                with trio.fail_after(10):
-                    await evil.connect(info)
-                    s = await evil.new_stream(info.peer_id, [TProtocol("/t/x")])
-                    await s.write(b"\x00\x00\x00\x01x")
-                    await trio.sleep(0.5)
-                    if not received:
-                        raise ConnectionError("nothing delivered")
+            with trio.fail_after(10), pytest.raises(SwarmDialAllFailedError) as refused:
+                await evil.connect(info)
             await evil.close()
-    assert not received
+        assert any("failed to negotiate the secure protocol" in str(e) for e in causes(refused.value)), \
+            [repr(e) for e in causes(refused.value)]
+        assert not honest.is_connected(attacker.peer_bytes) and not honest.is_connected(victim.peer_bytes)
+        async with honest_client.run(listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+            with trio.fail_after(10):
+                await honest_client.connect(info)  # the control: same client, Noise, same address
+            await honest_client.close()
