@@ -9,6 +9,7 @@ SIGKILLed launcher leaves no daemon behind.
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import sys
 import time
@@ -83,6 +84,11 @@ def _prepare(out: Path, models: list[str], preset: dict[str, Any], cache: Path, 
     say(f"splitting HumanEval across {len(models)} nodes (Dirichlet alpha={run['dirichlet_alpha']}, seed={run['seed']})")
     split = make_split(load_problems(), n_nodes=len(models), seed=run["seed"], test_size=run["test_size"],
                        transfer_size=run["transfer_size"], alpha=run["dirichlet_alpha"])
+    # optional caps keep a CPU demo short: the first N of each (already shuffled) shard
+    train_cap, val_cap = int(run.get("train_cap", 0)), int(run.get("val_cap", 0))
+    if train_cap or val_cap:
+        split = dataclasses.replace(split, nodes=[(train[:train_cap or None], val[:val_cap or None])
+                                                  for train, val in split.nodes])
     data = out / "data"
     write_split(split, data)
     for name in sorted(set(models)):
@@ -171,7 +177,8 @@ def run_federation(spec: FederationSpec, say: Any) -> Federation:
         for c, model in zip(children[1:], models, strict=True):
             line = c.wait_for_line("listening on", 600)
             say(f"{c.name} ({model}) {line.split('listening on', 1)[1].strip()}")
-        _follow(children, node_dirs, spec.rounds, spec.timeout_s, spec.progress, say)
+        names = {str(i.peer_id): f"node-{k}" for k, i in enumerate(node_ids)}
+        _follow(children, node_dirs, spec.rounds, spec.timeout_s, spec.progress, say, names)
     finally:
         for c in reversed(children):
             c.stop()
@@ -192,7 +199,10 @@ def run(opts: RunOptions) -> int:
     def say(msg: str) -> None:
         print(f"[knexa-lab] {msg}", flush=True)
 
+    t_start = time.monotonic()
     say(f"results -> {out}")
+    if preset["run"].get("expected"):
+        say(f"expected duration: {preset['run']['expected']}")
     data = _prepare(out, models, preset, cache, say)
     seed = int(preset["run"]["seed"])
     spec = FederationSpec(out=out, data=data, models=models, rounds=rounds, learning=dict(preset.get("learning", {})),
@@ -217,10 +227,16 @@ def run(opts: RunOptions) -> int:
     print()
     print("Summary")
     print(format_summary(rounds_log, finals))
+    phases = phase_table(rounds_log)
+    if phases:
+        print("\nWhere the time went: mean seconds per round in each phase")
+        print(phases)
     cpm_state = _cpm_summary(fed.cpm_dir)
     if cpm_state:
         print(f"\nCPM: {cpm_state}")
     print(f"\nresults: {out}/results.json, {out}/rounds.csv; logs: {out}/*/*.log")
+    elapsed = time.monotonic() - t_start
+    say(f"finished in {int(elapsed // 60)} min {int(elapsed % 60)} s")
     if fed.failed:
         say(f"nodes that failed: {fed.failed} (see their node.log)")
         return 1
@@ -240,15 +256,65 @@ def _cpm_summary(cpm_dir: Path) -> str:
     return f"rounds closed={s['rounds_closed']} bandit updates={s['updates']} rejected={s['rejected'] or 'none'}"
 
 
+def match_line(entry: dict[str, Any], names: dict[str, str]) -> str | None:
+    """One line for a student's finished round, printed as it happens: who taught whom, reward."""
+    if entry.get("role") != "student":
+        return None
+    teacher = names.get(str(entry.get("partner")), str(entry.get("partner"))[-6:])
+    student = names.get(str(entry.get("node")), str(entry.get("node"))[-6:])
+    if "reward" not in entry:
+        return f"round {entry['round']}: {teacher} -> {student} failed ({entry.get('error', 'no reward')})"
+    return (f"round {entry['round']}: {teacher} -> {student}  reward {entry['reward']:+.4f}  "
+            f"student val loss {entry['val_loss_pre']:.4f} -> {entry['val_loss_post']:.4f}  "
+            f"({entry.get('seconds', 0):.0f} s round)")
+
+
+#: phases in the order a round runs them (service.NodeService._phase names)
+_PHASE_ORDER = ("train", "evaluate", "profile", "wait_directive", "teach_generate", "teach_send",
+                "learn_wait_package", "learn_distill", "integrate_local", "checkpoint")
+
+
+def phase_table(rounds: list[dict[str, Any]]) -> str:
+    """Mean seconds per round in each phase (rows) per node (columns), from rounds.jsonl."""
+    by_node: dict[str, list[dict[str, float]]] = {}
+    for e in rounds:
+        if isinstance(e.get("phase_seconds"), dict):
+            by_node.setdefault(e["name"], []).append(e["phase_seconds"])
+    seen = {k for ps in by_node.values() for p in ps for k in p}
+    phases = [p for p in _PHASE_ORDER if p in seen] + sorted(seen - set(_PHASE_ORDER))
+    if not phases:
+        return ""
+    nodes = sorted(by_node)
+    header = f"{'phase':<20}" + "".join(f"{n:>9}" for n in nodes)
+    lines = [header, "-" * len(header)]
+    for k in phases:
+        lines.append(f"{k:<20}" + "".join(f"{sum(p.get(k, 0.0) for p in by_node[n]) / len(by_node[n]):>9.1f}"
+                                          for n in nodes))
+    return "\n".join(lines)
+
+
 def _follow(children: list[Child], node_dirs: list[Path], rounds: int, timeout_s: float, progress: bool,
-            say: Any) -> None:
+            say: Any, names: dict[str, str] | None = None) -> None:
+    import json
+
     total = rounds * len(node_dirs)
     deadline = time.monotonic() + timeout_s
+    seen = [0] * len(node_dirs)
     with tqdm(total=total, desc="node-rounds", unit="round", disable=not progress, file=sys.stdout) as bar:
         done = 0
         while True:
-            n = sum(len((d / "rounds.jsonl").read_text().splitlines()) if (d / "rounds.jsonl").exists() else 0
-                    for d in node_dirs)
+            for k, d in enumerate(node_dirs):
+                path = d / "rounds.jsonl"
+                lines = path.read_text().splitlines() if path.exists() else []
+                for line in lines[seen[k]:]:
+                    try:
+                        text = match_line(json.loads(line), names or {})
+                    except (ValueError, KeyError, TypeError):
+                        text = None  # a line being written; the summary reads it again at the end
+                    if text:
+                        bar.write(f"[knexa-lab] {text}", file=sys.stdout)
+                seen[k] = len(lines)
+            n = sum(seen)
             if n > done:
                 bar.update(n - done)
                 done = n
