@@ -235,6 +235,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"knexa-node: {exc}", file=sys.stderr)
         return ExitCode.CONFIG
     setup_logging(cfg.node.log_level, fmt=cfg.node.log_format)
+    from .sandbox import SandboxUnavailable, sandbox_backend
+
+    try:  # Pass@k runs model-written code: refuse to start without a least-privilege sandbox
+        sandbox_backend()
+    except SandboxUnavailable as exc:
+        print(f"knexa-node: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG
     from knexa_p2p.identity import IdentityError
     from knexa_runtime.exceptions import run_mapped
     from knexa_runtime.roster import RosterError

@@ -421,3 +421,19 @@ def test_fallback_as_root_drops_to_an_unprivileged_uid_without_capabilities(tmp_
         "    raise AssertionError('privileged call succeeded')\n"
     )
     assert run(prog, "rlimit", hook=False).passed
+
+
+def test_node_refuses_to_start_without_a_sandbox(fresh_choice: pytest.MonkeyPatch, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from knexa_node.cli import main as node_main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("")
+    fresh_choice.setattr(sb.shutil, "which", lambda _name: None)
+    fresh_choice.setattr(sb.os, "geteuid", lambda: 1000)
+    cpm = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWEyoppNCUx8Yx66oV9fJnriXwCcXwDDUA2kj6vnc6iDEp"
+    assert node_main(["start", "--cpm", cpm, "--state-dir", str(tmp_path / "s"), "--data", str(data)]) == 20
+    err = capsys.readouterr().err
+    assert "no least-privilege sandbox" in err and "KNEXA_SANDBOX=unconfined" in err
+    assert len(err.strip().splitlines()) == 1
