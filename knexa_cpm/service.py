@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import trio
 
+from knexa_p2p.directory import PEERS_PROTOCOL, PeerDirectory
 from knexa_p2p.host import GossipSettings, MemberGate, P2PHost, open_host
 from knexa_p2p.identity import load_or_create_identity
 from knexa_p2p.streams import FramedStream, StreamBroken
@@ -103,6 +104,8 @@ class CpmService:
         self.topic = directive_topic(cfg.federation)
         self._lock = trio.Lock()
         self._host: P2PHost | None = None
+        #: members' signed peer records, served to members (discovery with only the CPM's address)
+        self.directory = PeerDirectory(self.is_member, on_rejected=lambda reason: self._reject(reason, "peer_record"))
         self.public_sets = PublicSetStore(self.state_dir)
         self.public_set: PublicSet | None = None
         try:
@@ -166,6 +169,7 @@ class CpmService:
             "roster": len(self.settings.roster), "pending_rewards": len(self.machine.pending),
             "rounds_closed": self.stats["rounds_closed"], "bandit_updates": self.stats["updates"],
             "rejected": dict(self.stats["rejected"]), "last_round": self.last_closed,
+            "peer_records": len(self.directory.records),
             "peers": sorted(peer_id_str(p)[-8:] for p in host.connected_peers()) if host else [],
             "uptime_s": round(time.time() - self.started, 1), "metrics_port": self.metrics_port,
             "health": "ok" if host is not None else "starting",
@@ -331,6 +335,7 @@ async def serve(cfg: CpmSection, *, service: CpmService | None = None,
             svc._host = host
             host.set_topic_validator(svc.topic, svc.valid_directive_message)
             host.set_handler(CPM_PROTOCOL, svc.handle_stream)
+            host.set_handler(PEERS_PROTOCOL, svc.directory.handle)
             host.set_handler(PUBLIC_SET_PROTOCOL, svc.handle_public_set)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(svc.drain, host)

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import trio
 
+from knexa_p2p.directory import DirectoryError, exchange_records
 from knexa_p2p.host import DialError, GossipSettings, MemberGate, P2PHost, open_host
 from knexa_p2p.identity import Identity
 from knexa_p2p.streams import FramedStream, StreamBroken
@@ -75,6 +76,12 @@ __all__ = ["RELOADABLE", "NodeService"]
 logger = logging.getLogger("knexa_node")
 STATE_FILE = "node-state.json"
 ROUNDS_FILE = "rounds.jsonl"
+#: how often a node republishes its signed peer record to the CPM and fetches the other members'
+#: (a teacher also refreshes right before sending to a student it cannot reach)
+DISCOVERY_INTERVAL_S = 10.0
+#: discovered members a node keeps a connection to (beyond the CPM and its roster's addrs), so
+#: the directive mesh has node-to-node links when nodes know only the CPM's address
+DISCOVERED_DIAL_MAX = 8
 #: settings SIGHUP applies to a running node; the rest (identity, model, data, listen, CPM)
 #: define who and what the node is and need a restart
 RELOADABLE = ("bootstrap", "roster", "roster_file", "directive_timeout_s", "directive_poll_s",
@@ -143,6 +150,8 @@ class NodeService:
         #: participants of directives the CPM signed: members the CPM admitted that our own
         #: roster file may not list yet (a member added at the CPM reaches us within a round)
         self._cpm_members: set[bytes] = set()
+        #: members' current addresses from signed peer records the CPM served (peer -> addrs)
+        self.discovered: dict[bytes, tuple[str, ...]] = {}
         self._directive_events: dict[int, trio.Event] = {}
         self._inbox: dict[bytes, tuple[PackageBody, int]] = {}
         self._inbox_events: dict[bytes, trio.Event] = {}
@@ -262,8 +271,33 @@ class NodeService:
 
     def dial_targets(self) -> list[str]:
         me = peer_id_str(self.me)
-        return list(dict.fromkeys(a for a in [self.cfg.cpm, *self.cfg.bootstrap, *self.roster_addrs]
+        # a few discovered members, the same ones on every pass: the closest ids by XOR distance
+        near = sorted(self.discovered, key=lambda p: int.from_bytes(p[-16:], "big") ^ int.from_bytes(self.me[-16:], "big"))
+        found = [f"{a}/p2p/{peer_id_str(p)}" for p in near[:DISCOVERED_DIAL_MAX] for a in self.discovered[p][:1]]
+        return list(dict.fromkeys(a for a in [self.cfg.cpm, *self.cfg.bootstrap, *self.roster_addrs, *found]
                                   if not a.endswith("/p2p/" + me)))
+
+    # ---- discovery through the CPM -------------------------------------------------------
+    async def refresh_directory(self, host: P2PHost) -> bool:
+        """Publish our signed peer record to the CPM and learn the other members' (False on failure)."""
+        try:
+            records = await exchange_records(host, self.cpm_peer, timeout=self.cfg.stream_timeout_s)
+        except (StreamBroken, DialError, DirectoryError) as exc:
+            logger.info("peer directory exchange failed: %s", exc)
+            return False
+        fresh = {r.peer: r.addrs for r in records}
+        for peer, addrs in fresh.items():
+            if self.discovered.get(peer) != addrs:
+                logger.info("discovered peer=%s addrs=%s", short(peer), ",".join(addrs),
+                            extra={"event": "discovered", "peer": short(peer)})
+        self.discovered = fresh
+        return True
+
+    async def discover_peers(self, host: P2PHost) -> None:
+        """Keep our record at the CPM current and the other members' addresses fresh."""
+        while True:
+            await self.refresh_directory(host)
+            await trio.sleep(DISCOVERY_INTERVAL_S)
 
     def status(self) -> dict[str, Any]:
         host = self.host
@@ -286,7 +320,8 @@ class NodeService:
     def is_member(self, peer: bytes) -> bool:
         """The CPM, the roster (re-read on SIGHUP; empty = open), and anyone a CPM-signed directive
         listed as a participant (the CPM only admits roster members to a round)."""
-        return (peer == self.cpm_peer or not self.roster or peer in self.roster or peer in self._cpm_members)
+        return (peer == self.cpm_peer or not self.roster or peer in self.roster or peer in self._cpm_members
+                or peer in self.discovered)
 
     def gate(self) -> MemberGate:
         """Non-members are disconnected right after the Noise handshake, counted by reason."""
@@ -618,6 +653,8 @@ class NodeService:
                     short(student), len(kept), report.blocked, report.reasons)
         out: dict[str, Any] = {"role": "teacher", "partner": peer_id_str(student),
                                "guardrail": {"kept": report.kept, "blocked": report.blocked, "reasons": report.reasons}}
+        if not host.is_connected(student):  # it may have moved since our last directory exchange
+            await self.refresh_directory(host)
         try:
             with self._phase("teach_send"):
                 out.update(await self.send_package(host, directive, student, did, kept, report.blocked))
@@ -715,6 +752,7 @@ class NodeService:
                 with self._phase("public_set"):
                     await self._sync_public_set(host)
                 nursery.start_soon(self.listen_directives, host)
+                nursery.start_soon(self.discover_peers, host)
                 with self._phase("load_checkpoint"):
                     resumed = await self._ml_call(self.backend.load_checkpoint, self.state_dir / "checkpoint")
                 if resumed or self.round:

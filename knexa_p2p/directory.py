@@ -114,7 +114,8 @@ class PeerDirectory:
                 self._reject("bad_record", peer, exc)
                 await stream.send(msgpack.packb({"ok": False, "error": str(exc)[:200], "records": []}))
                 return
-            if self.offer(record):
+            previous = self.records.get(peer)
+            if self.offer(record) and (previous is None or previous.addrs != record.addrs):
                 logger.info("peer record peer=%s seq=%d addrs=%s", str(ID(peer))[-8:], record.seq,
                             ",".join(record.addrs))
         records = [r.envelope for r in self.current(exclude=peer)]
