@@ -404,10 +404,10 @@ def prepare(sources: Sequence[Path], out_dir: Path, *, public_dir: Path | None =
                                      f"{': ' + detail if detail else ''})", problem["task_id"]))
     if len(kept) + len(rejected) != len(rows):  # nothing may vanish between reading and writing
         raise AssertionError(f"{len(rows)} rows read but {len(kept)} kept + {len(rejected)} rejected")
-    if len(kept) < 2:
-        _write_rejected(out_dir, rejected)
+    if len(kept) < 2:  # nothing is written; the first reasons say why
+        first = "; ".join(f"{r.file}:{r.position} {r.reason}" for r in rejected[:3])
         raise PrepareError(f"only {len(kept)} of {len(rows)} rows are valid problems; a node needs at least 2 "
-                           f"(one to train, one to validate); reasons in {out_dir / 'rejected.jsonl'}")
+                           f"(one to train, one to validate); nothing written. {first}")
 
     rng = np.random.default_rng(seed)
     order = [kept[i] for i in rng.permutation(len(kept))]

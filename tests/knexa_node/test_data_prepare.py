@@ -82,6 +82,11 @@ def test_malformed_jsonl_is_reported_row_by_row_and_good_rows_are_kept(tmp_path:
     assert len(view.train) + len(view.val) == 3
 
 
+def _one(tmp: Path) -> Path:
+    write_jsonl(tmp / "one.jsonl", [GOOD[0], GOOD[0]])  # one problem and its duplicate
+    return tmp / "one.jsonl"
+
+
 def test_split_is_seeded_and_output_is_not_overwritten_without_force(tmp_path: Path) -> None:
     rows = [dict(GOOD[i % 3], task_id=f"t/{i}", prompt=GOOD[i % 3]["prompt"].replace('"""', f'"""Variant {i}. ', 1))
             for i in range(8)]
@@ -91,6 +96,9 @@ def test_split_is_seeded_and_output_is_not_overwritten_without_force(tmp_path: P
     c = prepare([tmp_path / "a.jsonl"], tmp_path / "o3", seed=2, val_fraction=0.25)
     assert (a.train, a.val) == (b.train, b.val) and len(a.val) == 2
     assert [p["task_id"] for p in a.val] != [p["task_id"] for p in c.val] or a.train != c.train
+    with pytest.raises(PrepareError, match="only 1 of 2 rows .* nothing written"):
+        prepare([_one(tmp_path)], tmp_path / "o4")
+    assert not (tmp_path / "o4").exists()
     before = (tmp_path / "o1" / "train.jsonl").read_bytes()
     with pytest.raises(PrepareError, match="--force"):
         prepare([tmp_path / "a.jsonl"], tmp_path / "o1", seed=9)
