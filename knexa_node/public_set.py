@@ -195,6 +195,10 @@ async def ensure(host: P2PHost, cpm: bytes, identity: Any, *, federation: str, s
     """
     ann = await ask_until_answered(host, cpm, identity, federation, timeout=timeout)
     if ann is None:
+        if public_dir is None or not ((public_dir / "test.jsonl").is_file() and (public_dir / "transfer.jsonl").is_file()):
+            raise PublicSetMismatch("the CPM publishes no public set and this node has none (test.jsonl, "
+                                    "transfer.jsonl): the federation's operator publishes one with "
+                                    "`knexa-cpm public-set add`")
         logger.info("the CPM publishes no public set; using %s as configured", public_dir)
         return None, public_dir
     folder = Path(public_dir) if public_dir is not None else bundle_dir(state_dir, ann)

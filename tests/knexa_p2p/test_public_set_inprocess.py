@@ -158,12 +158,17 @@ async def test_public_set_fetch_before_the_first_start(tmp_path: Path) -> None:
     (so `data prepare --public` can drop overlapping rows) before its daemon ever ran."""
     from knexa_node.public_set import fetch_for_config
 
-    publish(tmp_path / "cpm", tmp_path, 2, "v1")
     roster = _roster(tmp_path, 1)
     async with trio.open_nursery() as nursery:
-        addrs = await nursery.start(serve, CpmSection(federation="t", state_dir=tmp_path / "cpm", roster=tuple(roster)))
+        svc = CpmService(CpmSection(federation="t", state_dir=tmp_path / "cpm", roster=tuple(roster)))
+        addrs = await nursery.start(partial(serve, svc.cfg, service=svc))
         cfg = NodeSection(federation="t", state_dir=tmp_path / "node-0", cpm=addrs[0], stream_timeout_s=10)
         with trio.fail_after(30):
+            with pytest.raises(BaseException) as nothing:  # noqa: PT011  # trio wraps it in exception groups
+                await fetch_for_config(cfg)
+            assert "publishes no public set" in str(leaf_of(nothing.value, (PublicSetMismatch,)))
+            publish(tmp_path / "cpm", tmp_path, 2, "v1")
+            svc.reload(svc.cfg)
             ann, folder = await fetch_for_config(cfg)
             assert ann is not None and folder == bundle_dir(cfg.state_dir, ann)
             assert [p["task_id"] for p in read_jsonl(folder / "transfer.jsonl")] == ["X/0", "X/1", "X/2"]
