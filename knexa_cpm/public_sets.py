@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import trio
+
 from knexa_runtime.atomic import atomic_write_bytes, atomic_write_json
 from protocol import (
     LocalProtocolError,
@@ -56,6 +58,8 @@ logger = logging.getLogger("knexa_cpm")
 FOLDER = "public-sets"
 INDEX = "index.json"
 READ_TIMEOUT_S = 10.0
+#: a fetch that takes longer (a reader stalling Yamux's flow control) is cut off
+SEND_TIMEOUT_S = 300.0
 
 
 class PublicSetError(Exception):
@@ -198,9 +202,13 @@ async def serve_public_set(stream: Any, current: PublicSet | None, *, federation
         await stream.send(encode(Reply(False, ReplyCode.NOT_READY, f"not the current public set {current.label}",
                                        round_)))
         return "stale_fetch"
-    await stream.send(encode(Reply(True, ReplyCode.OK, current.label, round_)))
-    for index, start in enumerate(range(0, len(current.data), BUNDLE_CHUNK)):
-        await stream.send(encode(PublicSetChunk(current.digest, index, current.data[start:start + BUNDLE_CHUNK])))
+    with trio.move_on_after(SEND_TIMEOUT_S) as scope:
+        await stream.send(encode(Reply(True, ReplyCode.OK, current.label, round_)))
+        for index, start in enumerate(range(0, len(current.data), BUNDLE_CHUNK)):
+            await stream.send(encode(PublicSetChunk(current.digest, index, current.data[start:start + BUNDLE_CHUNK])))
+    if scope.cancelled_caught:
+        await stream.reset()
+        return "fetch_timeout"
     return "fetch"
 
 

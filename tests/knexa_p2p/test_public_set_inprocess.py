@@ -181,3 +181,33 @@ async def test_public_set_fetch_before_the_first_start(tmp_path: Path) -> None:
 
             assert leaf_of(info.value, (DialError, RemoteProtocolError)) is not None, info.value
         nursery.cancel_scope.cancel()
+
+
+async def test_fetch_checks_size_digest_and_refusals(tmp_path: Path) -> None:
+    import dataclasses
+
+    from knexa_node.public_set import fetch, query
+    from knexa_node.service import parse_peer
+    from knexa_p2p.host import open_host
+    from protocol import DecodeError, UnauthorizedError, bundle_digest
+
+    publish(tmp_path / "cpm", tmp_path, 2, "v1")
+    roster = _roster(tmp_path, 1)
+    member = load_or_create_identity(tmp_path / "node-0" / "identity.key")
+    async with trio.open_nursery() as nursery:
+        addrs = await nursery.start(serve, CpmSection(federation="t", state_dir=tmp_path / "cpm", roster=tuple(roster)))
+        cpm = parse_peer(addrs[0])
+        with trio.fail_after(30):
+            async with open_host(member) as host:
+                await host.connect(addrs[0])
+                ann = await query(host, cpm, member, "t", timeout=10)
+                assert ann is not None and ann.cpm == cpm
+                data = await fetch(host, cpm, member, ann, timeout=10)
+                assert bundle_digest(data) == ann.digest and len(data) == ann.size
+                with pytest.raises(DecodeError, match="larger than the announced"):
+                    await fetch(host, cpm, member, dataclasses.replace(ann, size=ann.size - 1), timeout=10)
+                with pytest.raises(UnauthorizedError, match="not the current public set"):
+                    await fetch(host, cpm, member, dataclasses.replace(ann, digest=b"\0" * 32), timeout=10)
+                with pytest.raises(UnauthorizedError, match="not a member"):
+                    await query(host, cpm, member, "other-federation", timeout=10)
+        nursery.cancel_scope.cancel()
