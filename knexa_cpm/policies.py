@@ -30,7 +30,7 @@ from protocol import HIST_SLICE, PERF_SLICE, PROFILE_DIM
 
 from .bandit import LinUCB
 from .features import js_matrix, make_context_builder
-from .matching import admissible_mask, default_k, greedy_disjoint
+from .matching import admissible_mask, default_k, greedy_disjoint, round_matching
 from .rewards import RunningNorm
 
 __all__ = [
@@ -47,8 +47,11 @@ __all__ = [
 ]
 
 #: what `make_policy` builds; "oracle" needs the hidden utility and exists only in simulation
-POLICY_NAMES: tuple[str, ...] = ("linucb", "random", "heuristic", "round_robin")
+POLICY_NAMES: tuple[str, ...] = ("linucb", "hybrid", "random", "heuristic", "round_robin")
 BETA_SCHEDULES: tuple[str, ...] = ("inv_sqrt", "exp", "constant")
+#: up to this many agents, policies with `exact_matching` match the whole round (about 3 ms at
+#: 256 agents); above it they fall back to greedy, which fits 1,024 agents in the round's budget
+EXACT_MAX_N = 256
 _PASS1 = PERF_SLICE.start  # PERF dim 0: recent Pass@1
 
 
@@ -111,7 +114,33 @@ class Policy(ABC):
         scores = self.pair_scores(p, round_idx, peer_ids)
         if mask is not None:
             np.copyto(scores, -np.inf, where=~mask)
+        if self.exact_matching and n <= EXACT_MAX_N:
+            return self._whole_round(scores, k_max)
         return greedy_disjoint(scores, k_max, self.rng, copy=False)
+
+    #: choose the round's pairs with `matching.round_matching` (whole-round, up to EXACT_MAX_N
+    #: agents) instead of greedy
+    exact_matching = False
+
+    def _whole_round(self, scores: np.ndarray, k_max: int | None) -> list[tuple[int, int]]:
+        """As many pairs as greedy would make, of the largest total score: every admissible score
+        is lifted by more than the whole spread so a pair more always wins, and agents an odd
+        cycle of the relaxation left over are then paired greedily."""
+        ok = np.isfinite(scores)
+        np.fill_diagonal(ok, False)
+        if not ok.any():
+            return []
+        lo, hi = float(scores[ok].min()), float(scores[ok].max())
+        lifted = np.where(ok, scores - lo + 1.0 + (hi - lo + 1.0) * scores.shape[0], -np.inf)
+        pairs = round_matching(lifted, k_max)
+        k = default_k(scores.shape[0], k_max)
+        if len(pairs) < k:
+            used = np.zeros(scores.shape[0], dtype=bool)
+            for i, j in pairs:
+                used[i] = used[j] = True
+            rest = np.where(used[:, None] | used[None, :], -np.inf, scores)
+            pairs += greedy_disjoint(rest, k - len(pairs), self.rng, copy=False)
+        return pairs
 
     @abstractmethod
     def pair_scores(self, profiles: np.ndarray, round_idx: int,
@@ -119,16 +148,18 @@ class Policy(ABC):
         """(N, N) float64 desirability of teacher i -> student j (a fresh, writable array)."""
 
     def observe(self, teacher_profile: np.ndarray, student_profile: np.ndarray, reward: float,
-                *, teacher_id: str | None = None) -> None:
+                *, teacher_id: str | None = None, student_id: str | None = None) -> None:
         """Feedback for one executed pair; policies that do not learn ignore it."""
         return None
 
     def observe_batch(self, teacher_profiles: np.ndarray, student_profiles: np.ndarray,
-                      rewards: np.ndarray, *, teacher_ids: Sequence[str] | None = None) -> None:
+                      rewards: np.ndarray, *, teacher_ids: Sequence[str] | None = None,
+                      student_ids: Sequence[str] | None = None) -> None:
         """Feedback for several pairs of one round, in order; same effect as `observe` each."""
         for k, r in enumerate(np.asarray(rewards, dtype=np.float64).reshape(-1).tolist()):
             self.observe(teacher_profiles[k], student_profiles[k], r,
-                         teacher_id=None if teacher_ids is None else teacher_ids[k])
+                         teacher_id=None if teacher_ids is None else teacher_ids[k],
+                         student_id=None if student_ids is None else student_ids[k])
 
     def state_dict(self) -> dict[str, Any]:
         # PCG64 state holds 128-bit ints, which msgpack cannot encode: keep it as JSON text
@@ -184,13 +215,15 @@ class HeuristicPolicy(Policy):
 
 
 class OraclePolicy(Policy):
-    """Simulation only: greedy on the true expected utility, set by `set_utility` every round."""
+    """Simulation only: greedy (or, with `exact`, the maximum-weight matching) on the true
+    expected utility, set by `set_utility` every round."""
 
     name = "oracle"
 
-    def __init__(self, seed: int = 42) -> None:
+    def __init__(self, seed: int = 42, *, exact: bool = False) -> None:
         super().__init__(seed)
         self.utility: np.ndarray | None = None
+        self.exact = self.exact_matching = exact
 
     def set_utility(self, utility: np.ndarray) -> None:
         """(N, N) expected reward of teacher i -> student j in the current state."""
@@ -253,7 +286,7 @@ class LinUCBPolicy(Policy):
                                   _profile_rows(np.atleast_2d(student)))
 
     def observe(self, teacher_profile: np.ndarray, student_profile: np.ndarray, reward: float,
-                *, teacher_id: str | None = None) -> None:
+                *, teacher_id: str | None = None, student_id: str | None = None) -> None:
         """A += x x', b += r_norm x with r_norm the Welford-normalised raw reward (Eq. 3).
 
         Raises:
@@ -269,7 +302,8 @@ class LinUCBPolicy(Policy):
             self._trust(str(teacher_id), float(reward))
 
     def observe_batch(self, teacher_profiles: np.ndarray, student_profiles: np.ndarray,
-                      rewards: np.ndarray, *, teacher_ids: Sequence[str] | None = None) -> None:
+                      rewards: np.ndarray, *, teacher_ids: Sequence[str] | None = None,
+                      student_ids: Sequence[str] | None = None) -> None:
         """Many observations at once (Woodbury); equal to `observe` in order, up to rounding.
 
         Raises:
@@ -332,6 +366,11 @@ def make_policy(name: str, *, context: str = "interaction", lam: float = 0.01, b
         raise TypeError(f"make_policy() got unexpected keyword(s) {unknown}")
     if name == "linucb":
         return LinUCBPolicy(context=context, lam=lam, beta0=beta0, beta_decay=beta_decay, seed=seed, **kw)
+    if name == "hybrid":  # its own priors; lam/beta/context are LinUCB's and do not apply
+        from .hybrid import HybridPolicy
+
+        return HybridPolicy(seed=seed, trust_weight=float(kw.get("trust_weight", 0.0)),
+                            trust_rate=float(kw.get("trust_rate", 0.2)))
     simple: dict[str, type[Policy]] = {
         "random": RandomPolicy, "heuristic": HeuristicPolicy, "round_robin": RoundRobinPolicy,
     }

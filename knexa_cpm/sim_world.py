@@ -23,6 +23,27 @@ Generative model (one federation of N agents over C = 12 problem categories):
   features from its evaluation history (Pass@1 = w . s, CodeBLEU and scaled log-perplexity
   derived from skill, plus deltas, EMA alpha 0.5 and bests) and the data histogram, rounded to
   2 decimals like `sanitize_profile`. Policies never see skills, capacities or compat.
+
+Worlds (`WorldConfig.world`, `knexa-cpm simulate --world`): what makes a pair compatible. Only
+"family" uses a pairwise term that is one of the interaction context's features; the others
+exist so a matchmaker cannot win just by having that feature:
+
+- family: compat = 1 for the same backbone family, `cross_family` (0.6) otherwise.
+- affinity: a latent per-pair affinity. Every agent has a hidden unit "style" vector z_i in R^3;
+  compat = 0.25 + 0.75 * ((1 + z_t . z_s) / 2)^2, in [0.25, 1], with no family term. Nothing in
+  a profile reveals z.
+- tokenizer: a tokenizer-mismatch cost per ordered family pair: compat = 1 - M[f_t, f_s] with
+  M = 0 on the diagonal and U(0.1, 0.8) elsewhere, asymmetric (a small vocabulary learns from a
+  large one better than the reverse). A same-family flag sees only the diagonal.
+- wrong: a quarter of the agents (at least one) are confidently wrong in their three strongest
+  data categories: there their packages pull the student's skill down
+  (s_s[c] -= eta * compat * harm * s_s[c]) while their own evaluations look normal. Family
+  compat as in "family".
+- poison: the trust study. An eighth of the agents (at least one) are poisoners: strong-looking
+  profiles (capacity at the top of the range) whose packages harm the student in every category.
+
+World-specific draws come from their own stream, so the agents, histograms and noise of one seed
+are identical in every world.
 """
 
 from __future__ import annotations
@@ -33,11 +54,12 @@ import numpy as np
 
 from protocol import FAMILIES, FAMILY_SLICE, HIST_SLICE, PERF_SLICE, PROFILE_DIM
 
-__all__ = ["HETEROGENEITY", "Federation", "SimState", "WorldConfig", "draw_federation",
-           "initial_state", "profiles", "step", "utility"]
+__all__ = ["HETEROGENEITY", "WORLDS", "Federation", "SimState", "WorldConfig", "draw_federation",
+           "initial_state", "poisoners", "profiles", "step", "utility"]
 
 N_CAT = HIST_SLICE.stop - HIST_SLICE.start
 HETEROGENEITY = ("low", "high")
+WORLDS = ("family", "affinity", "tokenizer", "wrong", "poison")
 _EMA = 0.5
 
 
@@ -48,6 +70,7 @@ class WorldConfig:
     n: int
     het: str
     rounds: int = 100
+    world: str = "family"
     seed: int = 0
     alpha_high: float = 0.1
     alpha_low: float = 10.0
@@ -63,6 +86,10 @@ class WorldConfig:
     kb_cost: float = 0.005
     noise: float = 1.0
     eval_noise: float = 0.01
+    harm: float = 1.0
+    wrong_frac: float = 0.25
+    wrong_cats: int = 3
+    poison_frac: float = 0.125
 
     def __post_init__(self) -> None:
         if self.n < 2 or self.rounds < 1:
@@ -73,6 +100,10 @@ class WorldConfig:
             raise ValueError("need 0 <= cap_low <= cap_high <= 1")
         if any(f not in FAMILIES for f in self.families):
             raise ValueError(f"families must come from {FAMILIES}")
+        if self.world not in WORLDS:
+            raise ValueError(f"world must be one of {WORLDS}, got {self.world!r}")
+        if not 0.0 <= self.cross_family <= 1.0:
+            raise ValueError("cross_family must be in [0, 1]")
 
     @property
     def alpha(self) -> float:
@@ -91,6 +122,7 @@ class Federation:
     weights: np.ndarray  # (N, C) validation weights w_i
     kb: np.ndarray  # (N,) package size of each teacher
     compat: np.ndarray  # (N, N) teacher x student distillation efficiency
+    harmful: np.ndarray  # (N, C) bool: teacher i's packages harm in category c
     reward_noise: np.ndarray  # (T, N, N) noise of teacher i -> student j in round t
     eval_noise: np.ndarray  # (T + 1, N, 3) evaluation noise of Pass@1, CodeBLEU, log-ppl
 
@@ -117,7 +149,40 @@ def draw_federation(cfg: WorldConfig) -> Federation:
     compat = np.where(family[:, None] == family[None, :], 1.0, cfg.cross_family)
     reward_noise = rng.normal(0.0, cfg.noise, (cfg.rounds, n, n))
     eval_noise = rng.normal(0.0, cfg.eval_noise, (cfg.rounds + 1, n, 3))
-    return Federation(cfg, hist, family, cap, level, weights, kb, compat, reward_noise, eval_noise)
+    harmful = np.zeros((n, N_CAT), dtype=bool)
+    # the world's own stream: the draws above are the same in every world
+    wrng = np.random.default_rng([cfg.seed, cfg.n, HETEROGENEITY.index(cfg.het), WORLDS.index(cfg.world), 0xA11])
+    if cfg.world == "affinity":
+        z = wrng.normal(size=(n, 3))
+        z /= np.linalg.norm(z, axis=1, keepdims=True)
+        compat = 0.25 + 0.75 * ((1.0 + z @ z.T) / 2.0) ** 2
+    elif cfg.world == "tokenizer":
+        mismatch = wrng.uniform(0.1, 0.8, (len(FAMILIES), len(FAMILIES)))
+        np.fill_diagonal(mismatch, 0.0)
+        compat = 1.0 - mismatch[family[:, None], family[None, :]]
+    elif cfg.world == "wrong":
+        bad = wrng.choice(n, max(1, round(cfg.wrong_frac * n)), replace=False)
+        top = np.argsort(-hist[bad], axis=1)[:, :cfg.wrong_cats]  # confidently wrong where it looks strongest
+        harmful[bad[:, None], top] = True
+    elif cfg.world == "poison":
+        bad = wrng.choice(n, max(1, round(cfg.poison_frac * n)), replace=False)
+        harmful[bad] = True
+        cap = cap.copy()
+        cap[bad] = cfg.cap_high
+        level = cap[:, None] * (cfg.floor + (1 - cfg.floor) * (1 - np.exp(-N_CAT * hist)))
+    return Federation(cfg, hist, family, cap, level, weights, kb, compat, harmful, reward_noise, eval_noise)
+
+
+def _delta(fed: Federation, teacher_skill: np.ndarray, student_skill: np.ndarray,
+           harmful: np.ndarray) -> np.ndarray:
+    """Per-category change of the student before compat and eta: the positive skill gap, or the
+    harm where the teacher is wrong (arrays broadcast over pairs)."""
+    return np.where(harmful, -fed.cfg.harm * student_skill, np.maximum(teacher_skill - student_skill, 0.0))
+
+
+def poisoners(fed: Federation) -> np.ndarray:
+    """Indices of the agents whose packages harm in every category (the "poison" world)."""
+    return np.flatnonzero(fed.harmful.all(axis=1))
 
 
 def _evaluate(fed: Federation, skill: np.ndarray, t: int) -> np.ndarray:
@@ -137,7 +202,7 @@ def initial_state(fed: Federation) -> SimState:
 def utility(fed: Federation, state: SimState) -> np.ndarray:
     """(N, N) expected reward of teacher i -> student j in this state (the oracle's input)."""
     s = state.skill
-    gap = np.maximum(s[:, None, :] - s[None, :, :], 0.0)  # [teacher, student, category]
+    gap = _delta(fed, s[:, None, :], s[None, :, :], fed.harmful[:, None, :])  # [teacher, student, category]
     gain = fed.cfg.eta * fed.compat * np.einsum("tsc,sc->ts", gap, fed.weights)
     u = fed.cfg.gain_scale * gain - fed.cfg.kb_cost * fed.kb[:, None]
     np.fill_diagonal(u, -np.inf)
@@ -153,7 +218,7 @@ def step(fed: Federation, state: SimState, pairs: list[tuple[int, int]], t: int)
     new = s.copy()
     if pairs:
         te, st = np.asarray(pairs, dtype=np.int64).T
-        new[st] += fed.cfg.eta * fed.compat[te, st][:, None] * np.maximum(s[te] - s[st], 0.0)
+        new[st] += fed.cfg.eta * fed.compat[te, st][:, None] * _delta(fed, s[te], s[st], fed.harmful[te])
     new += fed.cfg.rho * (fed.level - new)
     np.clip(new, 0.0, 1.0, out=new)
     return SimState(new, [*state.history, _evaluate(fed, new, t + 1)])

@@ -1,0 +1,319 @@
+"""`hybrid`: the default matchmaker. Linear Thompson sampling on richer pair features, identity
+effects learned from the rewards, trust scores, and an exact matching of the whole round.
+
+Why not LinUCB on the paper's contexts (measured in docs/cpm.md): a linear model of
+[p_t, p_s] is additive and cannot say whether t suits s; the interaction context adds a
+same-family flag, which is exactly the pairwise term of the original synthetic world and none
+other. What makes a pair good in practice is (a) who the backbones are (tokenizer and
+architecture mismatch is a property of the *ordered family pair*, not of "same or not"),
+(b) whether the teacher is stronger where the student's data lies, (c) things no profile shows
+(a teacher wrong in some categories, a latent affinity between two organisations' data), and
+(d) whether this teacher has just taught this student (the gap closes as it is taught).
+
+The model, for ordered pair (t, s):
+
+    reward ~ theta . x(t, s) + b_t + a_{ts} + noise
+
+- x(t, s) = [p_t, p_s, onehot(family_t) x onehot(family_s), t_t * t_s, relu(pass_t - pass_s),
+  coverage gap sum_c h_s[c] relu(h_t[c] - h_s[c]), JS(h_t, h_s), recency of (t -> s)] where t is
+  (Pass@1, CodeBLEU, log-ppl, histogram) as in the interaction context and recency the number of
+  times t taught s, decayed by `recency_decay` per round. Every term but the last four is a
+  product of per-node vectors, so all N^2 scores are matrix products.
+- theta: Bayesian ridge (prior lam * I) on raw rewards; each round one theta is drawn from the
+  posterior N(A^-1 b, v^2 sigma^2 A^-1) (Thompson sampling: exploration without a width term, so
+  scoring needs no x' A^-1 x per pair).
+- b_t (per teacher id) and a_{ts} (per unordered pair of ids): Gaussian random effects fitted to
+  the residuals of the linear part, shrunk towards 0 with prior variances tau_t^2 and tau_p^2, and
+  also sampled each round. They need ids (`peer_ids` in select, `teacher_id`/`student_id` in
+  observe); without ids the policy is the linear part alone.
+- trust scores as in LinUCB: a teacher whose packages keep yielding negative raw rewards loses
+  trust_weight * badness * (reward scale) from every score.
+- matching: whole-round matching of the sampled scores (`matching.round_matching`) up to
+  `EXACT_MAX_N` agents, greedy above; both make floor(N/2) pairs when all are admissible.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from protocol import FAMILY_SLICE, HIST_SLICE, PERF_SLICE, PROFILE_DIM
+
+from .bandit import array_from_state, array_state
+from .features import _one_blas_thread, js_matrix
+from .policies import Policy, _profile_rows
+from .rewards import RunningNorm
+
+__all__ = ["HybridFeatures", "HybridPolicy"]
+
+_T = np.r_[np.arange(PERF_SLICE.start, PERF_SLICE.start + 3), np.arange(HIST_SLICE.start, HIST_SLICE.stop)]
+_NF = FAMILY_SLICE.stop - FAMILY_SLICE.start
+_PASS1 = PERF_SLICE.start
+
+
+class HybridFeatures:
+    """x(t, s) for the hybrid model; `scores` computes theta . x for all N^2 ordered pairs."""
+
+    n_t = len(_T)
+    n_g = 4  # relu pass gap, coverage gap, JS, recency
+    dim = 2 * PROFILE_DIM + _NF * _NF + n_t + n_g
+
+    def build(self, teacher: np.ndarray, student: np.ndarray, recency: np.ndarray) -> np.ndarray:
+        """(M, dim) contexts for M (teacher, student) profile rows and their recency values."""
+        t, s = np.atleast_2d(teacher), np.atleast_2d(student)
+        fam = (t[:, FAMILY_SLICE, None] * s[:, None, FAMILY_SLICE]).reshape(len(t), _NF * _NF)
+        ht, hs = t[:, HIST_SLICE], s[:, HIST_SLICE]
+        js = np.array([js_matrix(np.stack([a, b]))[0, 1] for a, b in zip(ht, hs, strict=True)])
+        g = np.stack([np.maximum(t[:, _PASS1] - s[:, _PASS1], 0.0),
+                      (hs * np.maximum(ht - hs, 0.0)).sum(axis=1), js,
+                      np.asarray(recency, dtype=np.float64).reshape(-1)], axis=1)
+        return np.concatenate([t, s, fam, t[:, _T] * s[:, _T], g], axis=1)
+
+    def scores(self, p: np.ndarray, theta: np.ndarray, recency: np.ndarray,
+               js: np.ndarray | None = None) -> np.ndarray:
+        """(N, N) theta . x(i, j), without building x: one matrix product per factorable block."""
+        d = PROFILE_DIM
+        th_t, th_s = theta[:d], theta[d:2 * d]
+        o = 2 * d
+        th_f = theta[o:o + _NF * _NF].reshape(_NF, _NF)
+        o += _NF * _NF
+        th_m = theta[o:o + self.n_t]
+        th_g = theta[o + self.n_t:]
+        fam = p[:, FAMILY_SLICE]
+        t = p[:, _T]
+        h = p[:, HIST_SLICE]
+        with _one_blas_thread():
+            out = (p @ th_t)[:, None] + (p @ th_s)[None, :]
+            out += (fam @ th_f) @ fam.T
+            out += (t * th_m) @ t.T
+            pas = p[:, _PASS1]
+            out += th_g[0] * np.maximum(pas[:, None] - pas[None, :], 0.0)
+            if th_g[1] != 0.0:
+                # sum_c h_s[c] relu(h_t[c] - h_s[c]) = sum_c h_s[c] h_t[c] - sum_c h_s[c] min(h_t[c], h_s[c])
+                cover = h @ h.T
+                rows = max(1, (1 << 16) // max(p.shape[0], 1))
+                for r0 in range(0, p.shape[0], rows):
+                    mins = np.minimum(h[r0:r0 + rows, None, :], h[None, :, :])
+                    cover[r0:r0 + rows] -= np.einsum("tsc,sc->ts", mins, h)
+                out += th_g[1] * cover
+            out += th_g[2] * (js_matrix(h) if js is None else js)
+            out += th_g[3] * recency
+        return out
+
+
+def _pair_key(a: str, b: str) -> str:
+    return f"{a}\x00{b}" if a <= b else f"{b}\x00{a}"
+
+
+class _Effects:
+    """Gaussian random effects by key: posterior mean sum / (n + k) and variance sigma^2 / (n + k)
+    with k = sigma^2 / tau^2 (prior N(0, tau^2))."""
+
+    def __init__(self) -> None:
+        self.n: dict[str, float] = {}
+        self.total: dict[str, float] = {}
+
+    def add(self, key: str, residual: float) -> None:
+        self.n[key] = self.n.get(key, 0.0) + 1.0
+        self.total[key] = self.total.get(key, 0.0) + residual
+
+    def mean(self, key: str, k: float) -> float:
+        n = self.n.get(key, 0.0)
+        return self.total.get(key, 0.0) / (n + k)
+
+    def state(self) -> dict[str, Any]:
+        return {"n": dict(self.n), "total": dict(self.total)}
+
+    def load(self, d: dict[str, Any]) -> None:
+        self.n = {str(k): float(v) for k, v in d["n"].items()}
+        self.total = {str(k): float(v) for k, v in d["total"].items()}
+
+
+class HybridPolicy(Policy):
+    """See the module docstring.
+
+    Args:
+        lam: ridge prior of theta (in squared reward units).
+        explore: v, the scale of the Thompson draw (1 = the posterior itself).
+        tau_teacher, tau_pair: prior standard deviations of the teacher and pair effects, in
+            units of the reward noise sigma (0 = off). The defaults (explore 0.3, teacher effects
+            0.5, pair effects off) were the best of a small sweep at N = 32 (docs/cpm.md); pair
+            effects, seen ~1.6 times each in 100 rounds of 32 agents, only added noise.
+        recency_decay: per-round decay of the "t taught s recently" feature.
+        seed: Thompson draws and greedy tie-breaks.
+        trust_weight, trust_rate: as `LinUCBPolicy` (0 = off).
+    """
+
+    name = "hybrid"
+    exact_matching = True
+
+    def __init__(self, *, lam: float = 1.0, explore: float = 0.3, tau_teacher: float = 0.5,
+                 tau_pair: float = 0.0, recency_decay: float = 0.8, seed: int = 42,
+                 trust_weight: float = 0.0, trust_rate: float = 0.2) -> None:
+        super().__init__(seed)
+        if not lam > 0 or explore < 0 or tau_teacher < 0 or tau_pair < 0 or not 0 <= recency_decay < 1:
+            raise ValueError("need lam > 0, explore >= 0, tau_* >= 0 and 0 <= recency_decay < 1")
+        if trust_weight < 0 or not 0 < trust_rate <= 1:
+            raise ValueError("trust_weight must be >= 0 and trust_rate in (0, 1]")
+        self.features = HybridFeatures()
+        d = self.features.dim
+        self.lam, self.explore = float(lam), float(explore)
+        self.tau_teacher, self.tau_pair, self.recency_decay = float(tau_teacher), float(tau_pair), float(recency_decay)
+        self.trust_weight, self.trust_rate = float(trust_weight), float(trust_rate)
+        self.A = self.lam * np.eye(d)
+        self.b = np.zeros(d)
+        self.resid = RunningNorm()  # residual scale: sigma of the reward noise
+        self.rewards = RunningNorm()  # raw reward scale: the unit of the trust penalty
+        self.teacher = _Effects()
+        self.pair = _Effects()
+        self.taught: dict[str, list[float]] = {}  # "t\0s" -> [count at round, round]
+        self.badness: dict[str, float] = {}
+        self.round = 0
+        self._js_key: np.ndarray | None = None
+        self._js: np.ndarray | None = None
+
+    # ---- model ---------------------------------------------------------------------------
+    @property
+    def sigma(self) -> float:
+        """Reward noise estimate (1.0 until ten residuals are in)."""
+        return self.resid.std if self.resid.count >= 10 else 1.0
+
+    def _recency(self, t_id: str, s_id: str) -> float:
+        c = self.taught.get(f"{t_id}\x00{s_id}")
+        return 0.0 if c is None else c[0] * self.recency_decay ** max(self.round - c[1], 0)
+
+    def _theta_draw(self) -> np.ndarray:
+        with _one_blas_thread():  # a 147 x 147 problem: BLAS threads only spin (features.py)
+            return self._theta_draw_inner()
+
+    def _theta_draw_inner(self) -> np.ndarray:
+        a_inv = np.linalg.inv(self.A)
+        a_inv = 0.5 * (a_inv + a_inv.T)
+        mu = a_inv @ self.b
+        if self.explore == 0:
+            return mu
+        chol = np.linalg.cholesky(a_inv + 1e-12 * np.eye(len(mu)))
+        return mu + self.explore * self.sigma * (chol @ self.rng.standard_normal(len(mu)))
+
+    def _effect_k(self, tau: float) -> float:
+        """k = sigma^2 / (tau sigma)^2 = 1 / tau^2: tau is in units of sigma."""
+        return math.inf if tau == 0 else 1.0 / tau ** 2
+
+    def _js_all(self, p: np.ndarray) -> np.ndarray:
+        hist = p[:, HIST_SLICE]
+        if self._js_key is None or self._js_key.shape != hist.shape or not np.array_equal(self._js_key, hist):
+            self._js_key, self._js = hist.copy(), js_matrix(hist)
+        assert self._js is not None
+        return self._js
+
+    def pair_scores(self, profiles: np.ndarray, round_idx: int,
+                    peer_ids: Sequence[str] | None = None) -> np.ndarray:
+        self.round = max(int(round_idx), 0)
+        n = profiles.shape[0]
+        ids = None if peer_ids is None else [str(x) for x in peer_ids]
+        recency = np.zeros((n, n))
+        if ids is not None and self.taught:
+            index = {pid: k for k, pid in enumerate(ids)}
+            for key, (count, last) in self.taught.items():
+                t_id, s_id = key.split("\x00")
+                if t_id in index and s_id in index:
+                    recency[index[t_id], index[s_id]] = count * self.recency_decay ** max(self.round - last, 0)
+        scores = self.features.scores(profiles, self._theta_draw(), recency, self._js_all(profiles))
+        if ids is None:
+            return scores
+        sig, v = self.sigma, self.explore
+        kt, kp = self._effect_k(self.tau_teacher), self._effect_k(self.tau_pair)
+        if math.isfinite(kt):
+            nt = np.array([self.teacher.n.get(i, 0.0) for i in ids])
+            mt = np.array([self.teacher.total.get(i, 0.0) for i in ids]) / (nt + kt)
+            scores += (mt + v * sig / np.sqrt(nt + kt) * self.rng.standard_normal(n))[:, None]
+        if math.isfinite(kp):
+            pn, pm = np.zeros((n, n)), np.zeros((n, n))
+            if self.pair.n:
+                index = {pid: k for k, pid in enumerate(ids)}
+                for key, cnt in self.pair.n.items():
+                    a_id, b_id = key.split("\x00")
+                    if a_id in index and b_id in index:
+                        i, j = index[a_id], index[b_id]
+                        pn[i, j] = pn[j, i] = cnt
+                        pm[i, j] = pm[j, i] = self.pair.total[key] / (cnt + kp)
+            z = self.rng.standard_normal((n, n))
+            z = np.triu(z, 1)
+            z = z + z.T  # one draw per unordered pair: the affinity is symmetric
+            scores += pm + v * sig / np.sqrt(pn + kp) * z
+        if self.trust_weight > 0:
+            bad = np.array([self.badness.get(i, 0.0) for i in ids])
+            scores -= (self.trust_weight * max(self.rewards.std, 1e-6) * bad)[:, None]
+        return scores
+
+    # ---- feedback ------------------------------------------------------------------------
+    def observe(self, teacher_profile: np.ndarray, student_profile: np.ndarray, reward: float,
+                *, teacher_id: str | None = None, student_id: str | None = None) -> None:
+        """Update theta's posterior, the identity effects, recency and trust with one reward.
+
+        Raises:
+            ValueError: malformed profiles or a non-finite reward (state is unchanged).
+        """
+        t = _profile_rows(np.atleast_2d(teacher_profile))
+        s = _profile_rows(np.atleast_2d(student_profile))
+        if t.shape[0] != 1 or s.shape[0] != 1:
+            raise ValueError("observe takes one teacher and one student profile")
+        r = float(reward)
+        if not math.isfinite(r):
+            raise ValueError(f"reward must be finite, got {reward!r}")
+        tid = None if teacher_id is None else str(teacher_id)
+        sid = None if student_id is None else str(student_id)
+        rec = self._recency(tid, sid) if tid is not None and sid is not None else 0.0
+        x = self.features.build(t, s, np.array([rec]))[0]
+        with _one_blas_thread():
+            a_inv_b = np.linalg.solve(self.A, self.b)
+        residual = r - float(x @ a_inv_b)
+        self.A += np.outer(x, x)
+        self.b += r * x
+        self.resid.update(residual)
+        self.rewards.update(r)
+        if tid is not None:
+            kt = self._effect_k(self.tau_teacher)
+            rest = residual - (self.teacher.mean(tid, kt) if math.isfinite(kt) else 0.0)
+            self.teacher.add(tid, residual)
+            self.badness[tid] = (1.0 - self.trust_rate) * self.badness.get(tid, 0.0) + self.trust_rate * float(r < 0)
+            if sid is not None:
+                self.pair.add(_pair_key(tid, sid), rest)
+                self.taught[f"{tid}\x00{sid}"] = [rec + 1.0, float(self.round)]
+
+    # ---- persistence ---------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(), "dim": self.features.dim, "A": array_state(self.A), "b": array_state(self.b),
+            "resid": self.resid.state_dict(), "rewards": self.rewards.state_dict(),
+            "teacher": self.teacher.state(), "pair": self.pair.state(),
+            "taught": {k: list(v) for k, v in self.taught.items()}, "badness": dict(self.badness),
+            "round": self.round,
+        }
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        """Restore learned state (hyperparameters come from the constructor).
+
+        Raises:
+            ValueError: the state belongs to another policy or feature layout.
+        """
+        super().load_state_dict(d)
+        if int(d.get("dim", -1)) != self.features.dim:
+            raise ValueError(f"state has dim {d.get('dim')}, the hybrid features need {self.features.dim}")
+        a, b = array_from_state(d["A"]), array_from_state(d["b"])
+        if a.shape != (self.features.dim,) * 2 or b.shape != (self.features.dim,):
+            raise ValueError("hybrid state arrays do not match its dim")
+        self.A, self.b = a, b
+        self.resid, self.rewards = RunningNorm.from_state(d["resid"]), RunningNorm.from_state(d["rewards"])
+        self.teacher.load(d["teacher"])
+        self.pair.load(d["pair"])
+        self.taught = {str(k): [float(v[0]), float(v[1])] for k, v in d["taught"].items()}
+        self.badness = {str(k): float(v) for k, v in d["badness"].items()}
+        self.round = int(d["round"])
+
+    def __repr__(self) -> str:
+        return f"HybridPolicy({json.dumps({'lam': self.lam, 'explore': self.explore})})"
