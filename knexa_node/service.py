@@ -181,9 +181,11 @@ class NodeService:
         return {}
 
     def _save_state(self) -> None:
+        # also saved mid-round (privacy budget, replay book): keep only completed rounds' points,
+        # so a crash and re-run of this round does not record its evaluation twice
         atomic_write_json(self.state_dir / STATE_FILE, {
             "round": self.round, "completed": self.completed,
-            "history": [asdict(p) for p in self.history], "counters": self.counters,
+            "history": [asdict(p) for p in self.history[: self.completed]], "counters": self.counters,
             "privacy": self.privacy.to_state(), "replay": self.book.to_state(),
         })
 

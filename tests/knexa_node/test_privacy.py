@@ -160,3 +160,19 @@ def test_reload_changes_epsilon_but_not_what_was_spent(tmp_path: Path) -> None:
     svc.privacy.release(raw_profile())
     svc.reload(dataclasses.replace(svc.cfg, profile_epsilon=10.0, profile_epsilon_budget=0.0))
     assert svc.privacy.epsilon == 10.0 and math.isinf(svc.privacy.budget) and svc.privacy.spent == 25.0
+
+
+def test_a_mid_round_save_does_not_record_the_rounds_evaluation_twice(tmp_path: Path) -> None:
+    """The budget is saved before the profile is sent, i.e. mid-round: a crash there re-runs the
+    round, which must not leave its evaluation in the history twice."""
+    from knexa_node.profile import PerfPoint
+
+    svc = node(tmp_path)
+    svc.history.append(PerfPoint(0.5, 0.5, 2.0))  # this round's evaluation, round not completed
+    svc.privacy.release(raw_profile())
+    svc._save_state()
+    restarted = node(tmp_path)
+    assert restarted.history == [] and restarted.privacy.releases == 1
+    svc.completed += 1
+    svc._save_state()
+    assert node(tmp_path).history == [PerfPoint(0.5, 0.5, 2.0)]
