@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--federation", help="federation id (topic and AAD namespace)")
     serve.add_argument("--roster", action="append", metavar="PEER_ID", help="allowed node peer id (repeatable)")
     serve.add_argument("--expected-nodes", type=int, help="federation size when no roster is given")
-    serve.add_argument("--policy", choices=["linucb", "random", "heuristic", "round_robin"])
+    serve.add_argument("--policy", choices=["linucb", "hybrid", "random", "heuristic", "round_robin"])
     serve.add_argument("--round-timeout", type=float, dest="round_timeout_s", help="seconds before a round closes without quorum")
     serve.add_argument("--roster-file", type=Path, help="roster file ([[peer]] id/name/addr), re-read on SIGHUP")
     serve.add_argument("--metrics", dest="metrics_listen", metavar="HOST:PORT",

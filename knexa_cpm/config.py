@@ -30,6 +30,10 @@ class CpmSection:
     context: str = "interaction"
     lam: float = 0.01
     beta0: float = 1.0
+    #: trust scores: a teacher whose packages keep yielding negative rewards loses
+    #: trust_weight * badness from its scores (badness: EMA with rate trust_rate); 0 = off
+    trust_weight: float = 0.0
+    trust_rate: float = 0.2
     seed: int = 42
     log_level: str = "INFO"
     #: "text" (key=value) or "json" (one JSON object per line)
@@ -47,6 +51,8 @@ class CpmSection:
             raise ValueError("min_participants must be >= 2 (a pair needs two peers)")
         if self.round_timeout_s <= 0:
             raise ValueError("round_timeout_s must be > 0")
+        if not self.trust_weight >= 0 or not 0 < self.trust_rate <= 1:
+            raise ValueError("trust_weight must be >= 0 and trust_rate in (0, 1]")
 
 
 @dataclass(frozen=True, slots=True)

@@ -85,7 +85,8 @@ class CpmService:
         self.started = time.time()
         self.last_closed: dict[str, Any] | None = None
         self.metrics_port: int | None = None
-        self.policy = make_policy(cfg.policy, context=cfg.context, lam=cfg.lam, beta0=cfg.beta0, seed=cfg.seed)
+        self.policy = make_policy(cfg.policy, context=cfg.context, lam=cfg.lam, beta0=cfg.beta0, seed=cfg.seed,
+                                  trust_weight=cfg.trust_weight, trust_rate=cfg.trust_rate)
         self.machine = RoundMachine(self.settings)
         self.stats: dict[str, Any] = {"updates": 0, "rewards": [], "rejected": {}, "rounds_closed": 0}
         saved = load_state(self.state_dir)
@@ -236,7 +237,8 @@ class CpmService:
             elif isinstance(msg, RewardReport):
                 reply, entry = self.machine.submit_reward(peer, msg)
                 if entry is not None:
-                    self.policy.observe(np.asarray(entry.teacher_profile), np.asarray(entry.student_profile), msg.reward)
+                    self.policy.observe(np.asarray(entry.teacher_profile), np.asarray(entry.student_profile), msg.reward,
+                                        teacher_id=peer_id_str(entry.teacher), student_id=peer_id_str(entry.student))
                     self.metrics.rewards.observe(msg.reward)
                     self.stats["updates"] += 1
                     self._log_reward([msg.round, peer_id_str(msg.teacher), peer_id_str(msg.student), msg.reward])
@@ -287,8 +289,10 @@ class CpmService:
                 if not self.machine.ready_to_close(time.time()):
                     continue
                 round_ = self.machine.round
+                # close_round matches the open round's reporters in sorted order: the same rows as P
+                ids = [peer_id_str(p) for p in sorted(self.machine.profiles)]
                 directive = self.machine.close_round(
-                    time.time(), lambda P, r: self.policy.select(P, r), new_id
+                    time.time(), lambda P, r, ids=ids: self.policy.select(P, r, peer_ids=ids), new_id
                 )
                 self.stats["rounds_closed"] += 1
                 self.persist()

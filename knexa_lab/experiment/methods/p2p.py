@@ -77,6 +77,7 @@ class PeerToPeer:
 
     def __init__(self) -> None:
         self.policy: Any = None
+        self.peer_ids: list[str] = []
         self.settings: dict[str, Any] = {}
 
     def setup(self, clients: Sequence[Client], settings: Mapping[str, Any], workdir: Path) -> None:
@@ -118,7 +119,9 @@ class PeerToPeer:
         clients = list(ctx.clients)
         profiles = self.profiles(ctx)
         k_max = int(self.settings["k_max"]) or None
-        pairs = self.policy.select(profiles, ctx.round_idx, k_max)
+        # trust scores and identity effects key on client names, as the CPM keys on peer ids
+        self.peer_ids = [c.name for c in clients]
+        pairs = self.policy.select(profiles, ctx.round_idx, k_max, peer_ids=self.peer_ids)
         steps: dict[int, ClientStep] = {}
         for t, s in pairs:
             teacher, student = clients[t], clients[s]
@@ -151,7 +154,9 @@ class PeerToPeer:
 
     def observe(self, teacher: int, student: int, profiles: np.ndarray, reward: float) -> None:
         """Feed one reward to the matchmaker, as the CPM does on a reward report."""
-        self.policy.observe(profiles[teacher], profiles[student], reward)
+        ids = self.peer_ids
+        self.policy.observe(profiles[teacher], profiles[student], reward,
+                            teacher_id=ids[teacher] if ids else None, student_id=ids[student] if ids else None)
 
     def save(self, directory: Path) -> None:
         from knexa_cpm.state import save_state
