@@ -437,3 +437,17 @@ def test_node_refuses_to_start_without_a_sandbox(fresh_choice: pytest.MonkeyPatc
     err = capsys.readouterr().err
     assert "no least-privilege sandbox" in err and "KNEXA_SANDBOX=unconfined" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_an_interpreter_under_tmp_is_bound_after_the_private_tmpfs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CI clones (and their venv's base interpreter) may live under /tmp, which the sandbox's own
+    tmpfs hides: the interpreter's prefix must be bound after it, and nothing else of /tmp."""
+    monkeypatch.setattr(sb.sys, "base_prefix", "/tmp/ci/python")
+    monkeypatch.setattr(sb.sys, "base_exec_prefix", "/tmp/ci/python")
+    monkeypatch.setattr(sb.sys, "prefix", "/tmp/ci/clone/.venv")
+    argv = sb._bwrap_argv("/tmp/ci/python/bin/python3.11")
+    tmpfs = argv.index("--tmpfs")
+    bind = argv.index("/tmp/ci/python")
+    assert argv[tmpfs + 1] == "/tmp" and argv[bind - 1] == "--ro-bind" and bind > tmpfs
+    assert "/tmp/ci/clone/.venv" not in argv and "/" not in argv[argv.index("--unshare-all"):argv.index("--")]
+    assert argv[argv.index("--uid"):argv.index("--uid") + 2] == ["--uid", "65534"]
