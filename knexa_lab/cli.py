@@ -50,7 +50,9 @@ seeds, per-client tables, plots).
 
 Presets: tiny (random tiny models, seconds; the CI test), embedded (4 x SmolLM2-135M on CPU; the
 preset states its measured time), paper (6 clients on the paper's ~0.5B backbones, 20 rounds;
-needs the models in the local Hugging Face cache and a GPU), or a path to your own .toml.
+needs a GPU), skills (the generated benchmark whose ground truth is known: 8 small clients of 3
+families, 12 categories, Oracle-P2P as the upper bound; --quick for its CI-sized variant), or a
+path to your own .toml.
 
 Methods: {methods}.
 
@@ -60,6 +62,7 @@ knexa-cpm/knexa-node processes on loopback instead of in-process.
 
 examples:
   knexa-lab experiment --preset tiny
+  knexa-lab experiment --preset skills --quick
   knexa-lab experiment --preset embedded --methods local-only,random-p2p,knexa-fl --seeds 1,2
   knexa-lab experiment --preset tiny --set learning.lr=1e-4 --set methods.knexa-fl.beta0=0.5
   knexa-lab experiment --resume results/experiment-embedded-20250101-120000
@@ -73,7 +76,9 @@ def _add_experiment(sub: Any) -> None:
         "experiment", help="compare FL methods (Table 4): same split, seeds and budget, with CIs",
         description=_EXPERIMENT_HELP.format(methods=", ".join(method_names())),
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    exp.add_argument("--preset", help="tiny | embedded | paper | path to a .toml preset")
+    exp.add_argument("--preset", help="tiny | embedded | paper | skills | path to a .toml preset")
+    exp.add_argument("--quick", action="store_true", help="the preset's CI-sized variant (its [quick] table; "
+                     "skills has one)")
     exp.add_argument("--methods", help="comma-separated method names (default: the preset's)")
     exp.add_argument("--seeds", help="comma-separated integer seeds (default: the preset's)")
     exp.add_argument("--rounds", type=int, help="rounds per run (default: the preset's)")
@@ -105,7 +110,7 @@ def _experiment_config(args: argparse.Namespace) -> tuple[Any, Path, str]:
     from .experiment.methods import P2P_METHODS
 
     if args.resume:
-        given = [f for f in ("preset", "methods", "seeds", "rounds", "out", "set") if getattr(args, f)]
+        given = [f for f in ("preset", "methods", "seeds", "rounds", "out", "set", "quick") if getattr(args, f)]
         if given:
             raise ConfigError(f"--resume continues the experiment as saved; drop --{', --'.join(given)}")
         path = args.resume / "config.json"
@@ -118,7 +123,7 @@ def _experiment_config(args: argparse.Namespace) -> tuple[Any, Path, str]:
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{args.resume}: unreadable config.json or run-info.json ({exc})") from exc
     if not args.preset:
-        raise ConfigError("choose --preset tiny|embedded|paper|FILE.toml, or --resume DIR")
+        raise ConfigError("choose --preset tiny|embedded|paper|skills|FILE.toml, or --resume DIR")
     overrides = parse_overrides(args.set)
     exp = overrides.setdefault("experiment", {})
     if args.methods:
@@ -130,11 +135,12 @@ def _experiment_config(args: argparse.Namespace) -> tuple[Any, Path, str]:
             raise ConfigError(f"--seeds expects comma-separated integers, got {args.seeds!r}") from exc
     if args.rounds is not None:
         exp["rounds"] = args.rounds
-    cfg = resolve_config(args.preset, overrides)
+    cfg = resolve_config(args.preset, overrides, quick=args.quick)
     if args.mode == "daemons" and not args.methods:  # the preset lists every method; daemons run the P2P ones
         exp["methods"] = [m for m in cfg.experiment.methods if m in P2P_METHODS]
-        cfg = resolve_config(args.preset, overrides)
+        cfg = resolve_config(args.preset, overrides, quick=args.quick)
     stem = Path(args.preset).stem if str(args.preset).endswith(".toml") else args.preset
+    stem += "-quick" if args.quick else ""
     out = args.out or Path("results") / time.strftime(f"experiment-{stem}-%Y%m%d-%H%M%S")
     return cfg, out, args.mode
 

@@ -51,6 +51,8 @@ class EvalReport:
     codebleu: float
     n_problems: int
     seconds: float
+    #: greedy Pass@1 per problem category (knexa_node.categories) of the evaluated problems
+    per_category: dict[str, float] | None = None
 
 
 @dataclass(frozen=True, slots=True)

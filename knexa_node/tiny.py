@@ -22,7 +22,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FAMILIES", "build_tiny", "build_tokenizer", "corpus"]
+__all__ = ["FAMILIES", "build_tiny", "build_tokenizer", "corpus", "tiny_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,13 +43,13 @@ def corpus() -> list[str]:
     return [p["prompt"] + p["canonical_solution"] for p in ordered]
 
 
-def _bytelevel(texts: list[str]) -> tuple[Any, dict[str, str]]:
+def _bytelevel(texts: list[str], vocab_size: int = 1024) -> tuple[Any, dict[str, str]]:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1024, min_frequency=2, special_tokens=["<|endoftext|>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=["<|endoftext|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer)
     eot = "<|endoftext|>"
@@ -66,14 +66,14 @@ def _llama_pre() -> Any:
     ])
 
 
-def _llama(texts: list[str]) -> tuple[Any, dict[str, str]]:
+def _llama(texts: list[str], vocab_size: int = 1200) -> tuple[Any, dict[str, str]]:
     from tokenizers import Tokenizer, decoders, models, trainers
 
     specials = ["<unk>", "<s>", "</s>", "<pad>"]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = _llama_pre()
     tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=1200 - 256, min_frequency=2, special_tokens=specials, show_progress=False))
+        vocab_size=vocab_size - 256, min_frequency=2, special_tokens=specials, show_progress=False))
     # Rebuild with the 256 byte-fallback pieces as *ordinary* vocabulary (as in Llama), so decoding
     # with skip_special_tokens keeps every byte and any text round-trips losslessly.
     trained = json.loads(tok.to_str())["model"]
@@ -89,40 +89,43 @@ def _llama(texts: list[str]) -> tuple[Any, dict[str, str]]:
     return out, {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
 
 
-def build_tokenizer(style: str, texts: list[str] | None = None) -> Any:
-    """A transformers fast tokenizer of ``style`` ("bytelevel" or "llama") trained on ``texts``."""
+def build_tokenizer(style: str, texts: list[str] | None = None, vocab_size: int | None = None) -> Any:
+    """A transformers fast tokenizer of ``style`` ("bytelevel" or "llama") trained on ``texts``.
+
+    ``vocab_size`` defaults to 1024 (byte-level) and 1200 (llama, 256 of them byte pieces)."""
     from transformers import PreTrainedTokenizerFast
 
     texts = corpus() if texts is None else texts
     if style == "bytelevel":
-        raw, special = _bytelevel(texts)
+        raw, special = _bytelevel(texts, vocab_size or 1024)
     elif style == "llama":
-        raw, special = _llama(texts)
+        raw, special = _llama(texts, vocab_size or 1200)
     else:
         raise ValueError(f"unknown tokenizer style {style!r}")
     # bos is prepended by neither style: prompts and completions then concatenate exactly
     return PreTrainedTokenizerFast(tokenizer_object=raw, model_max_length=MAX_POSITIONS, **special)
 
 
-def _config(family: str, tok: Any) -> Any:
+def tiny_config(family: str, tok: Any, *, hidden: int = HIDDEN, layers: int = LAYERS) -> Any:
+    """The HF config of a small ``family`` model sized ``hidden`` x ``layers`` for ``tok``."""
     from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, Qwen2Config
 
     ids = {"vocab_size": len(tok), "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
            "pad_token_id": tok.pad_token_id}
     if family == "llama":
-        return LlamaConfig(hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=LAYERS,
+        return LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                            num_attention_heads=HEADS, num_key_value_heads=HEADS,
                            max_position_embeddings=MAX_POSITIONS, tie_word_embeddings=True, **ids)
     if family == "qwen2":
-        return Qwen2Config(hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=LAYERS,
+        return Qwen2Config(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                            num_attention_heads=HEADS, num_key_value_heads=2,
                            max_position_embeddings=MAX_POSITIONS, tie_word_embeddings=True, **ids)
     if family == "gpt_neox":
-        return GPTNeoXConfig(hidden_size=HIDDEN, intermediate_size=4 * HIDDEN, num_hidden_layers=LAYERS,
+        return GPTNeoXConfig(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
                              num_attention_heads=HEADS, max_position_embeddings=MAX_POSITIONS,
                              tie_word_embeddings=False, **ids)
     if family == "gpt2":
-        return GPT2Config(n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=MAX_POSITIONS, **ids)
+        return GPT2Config(n_embd=hidden, n_layer=layers, n_head=HEADS, n_positions=MAX_POSITIONS, **ids)
     raise ValueError(f"unknown tiny family {family!r}; known: {', '.join(FAMILIES)}")
 
 
@@ -135,7 +138,7 @@ def build_tiny(family: str, out_dir: Path) -> Path:
         raise ValueError(f"unknown tiny family {family!r}; known: {', '.join(FAMILIES)}")
     out_dir = Path(out_dir)
     tok = build_tokenizer(FAMILIES[family])
-    config = _config(family, tok)
+    config = tiny_config(family, tok)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(zlib.crc32(family.encode()))  # same weights on every machine
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -153,6 +153,23 @@ class LearningConfig:
         return cls(**data)
 
 
+#: sandbox verdicts by (task id, sha256 of prompt + completion); see TorchBackend._execute
+_VERDICTS: dict[tuple[str, str], bool] = {}
+_VERDICTS_MAX = 200_000
+
+
+def _by_category(problems: Sequence[dict[str, str]], passed: Sequence[bool]) -> dict[str, float]:
+    """Mean pass per category (knexa_node.categories.classify_name of each prompt)."""
+    from .categories import classify_name
+
+    sums: dict[str, list[int]] = {}
+    for p, ok in zip(problems, passed, strict=True):
+        acc = sums.setdefault(classify_name(p["prompt"]), [0, 0])
+        acc[0] += int(ok)
+        acc[1] += 1
+    return {c: n / total for c, (n, total) in sorted(sums.items())}
+
+
 def _sha256(tensors: Sequence[tuple[str, torch.Tensor]]) -> str:
     h = hashlib.sha256()
     for name, t in tensors:
@@ -333,30 +350,65 @@ class TorchBackend:
 
     def evaluate(self, round_idx: int) -> EvalReport:
         """Val loss/perplexity; greedy Pass@1 and CodeBLEU on the first ``eval_problems`` tests."""
-        from .evaluation import codebleu, execute_candidates, pass_at_k_report
+        from .evaluation import codebleu, pass_at_k_report
 
         t0 = time.perf_counter()
         loss = self.validation_loss()
         problems = self.data.test[:self.cfg.eval_problems]
         pass1 = bleu = 0.0
+        per_category = None
         if problems:
             completions = self._generate([p["prompt"] for p in problems], [p["entry_point"] for p in problems],
                                          greedy=True)
-            results = execute_candidates(problems, [[c] for c in completions],
-                                         workers=self.cfg.sandbox_workers or None,
-                                         timeout_s=self.cfg.sandbox_timeout_s)
+            results = self._execute(problems, completions)
             pass1 = pass_at_k_report(results, ks=(1,)).get(1, 0.0)
+            per_category = _by_category(problems, [r[0] for r in results])
             try:
                 bodies = [body_of(c, p["entry_point"]) for c, p in zip(completions, problems, strict=True)]
                 bleu = codebleu([p["canonical_solution"] for p in problems], bodies)
             except Exception:  # a metrics-library failure must not stop a federation round
                 logger.exception("CodeBLEU failed in round=%d; reporting 0", round_idx)
         report = EvalReport(val_loss=loss, perplexity=perplexity(loss), pass_at_1=float(pass1),
-                            codebleu=float(bleu), n_problems=len(problems), seconds=time.perf_counter() - t0)
+                            codebleu=float(bleu), n_problems=len(problems), seconds=time.perf_counter() - t0,
+                            per_category=per_category)
         logger.info("eval round=%d val_loss=%.4f ppl=%.2f pass@1=%.3f codebleu=%.3f n=%d %.1fs", round_idx,
                     report.val_loss, report.perplexity, report.pass_at_1, report.codebleu, report.n_problems,
                     report.seconds)
         return report
+
+    def _execute(self, problems: Sequence[dict[str, str]], completions: Sequence[str]) -> list[list[bool]]:
+        """Sandboxed verdicts of one greedy completion per problem, each program run once.
+
+        A verdict depends only on the program text (problem + completion; the tests are
+        deterministic), and a model that has settled writes the same completions round after
+        round, so verdicts are remembered per (task, completion) for the process: a skills
+        evaluation of 240 problems then runs only what changed. Bounded, oldest dropped first.
+        """
+        from .evaluation import execute_candidates
+
+        keys = [(p["task_id"], hashlib.sha256(p["prompt"].encode() + b"\0" + c.encode()).hexdigest())
+                for p, c in zip(problems, completions, strict=True)]
+        first: dict[tuple[str, str], int] = {}
+        for i, k in enumerate(keys):
+            if k not in _VERDICTS:
+                first.setdefault(k, i)
+        todo = list(first.values())
+        if todo:
+            fresh = execute_candidates([problems[i] for i in todo], [[completions[i]] for i in todo],
+                                       workers=self.cfg.sandbox_workers or None, timeout_s=self.cfg.sandbox_timeout_s)
+            for i, verdict in zip(todo, fresh, strict=True):
+                _VERDICTS[keys[i]] = verdict[0]
+            while len(_VERDICTS) > _VERDICTS_MAX:
+                _VERDICTS.pop(next(iter(_VERDICTS)))
+        return [[_VERDICTS[k]] for k in keys]
+
+    def pass_by_category(self, problems: Sequence[dict[str, str]]) -> dict[str, float]:
+        """Greedy Pass@1 per category on ``problems`` (the oracle's probe of true skills)."""
+        if not problems:
+            return {}
+        completions = self._generate([p["prompt"] for p in problems], [p["entry_point"] for p in problems],
+                                     greedy=True)
+        return _by_category(problems, [r[0] for r in self._execute(problems, completions)])
 
     def evaluate_pass_at_k(self, n_samples: int, ks: Sequence[int] = (1, 5, 10), temperature: float = 0.8,
                            *, round_idx: int = 0) -> dict[int, float]:

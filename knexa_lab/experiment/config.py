@@ -12,6 +12,10 @@ has these tables; defaults live only in the dataclasses below::
                           experiment seed s gets seed ``s * 1000 + i``)
     [methods.<name>]      settings handed to that method's ``setup`` (e.g. gamma, beta0, groups)
     [daemons]             timeouts of ``--mode daemons``
+    [skills]              the skills benchmark (``experiment.problems = "skills"``): split sizes,
+                          Dirichlet alpha over categories and the models' pre-training
+                          (:class:`SkillsSection`, ``docs/skills.md``)
+    [quick]               overrides (same tables) that ``--quick`` applies: a CI-sized variant
 
 Every problem found (unknown keys, wrong types, bad values, unknown methods) is reported in one
 :class:`~knexa_runtime.config.ConfigError`.
@@ -32,6 +36,7 @@ __all__ = [
     "BUILTIN_PRESETS",
     "ConfigError",
     "DaemonsSection",
+    "SkillsSection",
     "ExperimentConfig",
     "ExperimentSection",
     "check_models",
@@ -44,7 +49,7 @@ __all__ = [
     "resolve_config",
 ]
 
-BUILTIN_PRESETS: tuple[str, ...] = ("tiny", "embedded", "paper")
+BUILTIN_PRESETS: tuple[str, ...] = ("tiny", "embedded", "paper", "skills")
 _PASSK_WHEN = ("final", "every")
 
 
@@ -59,7 +64,9 @@ class ExperimentSection:
     rounds: int = 20
     #: one model alias/path per client (the same name twice = two independent clients)
     models: tuple[str, ...] = ()
-    #: "humaneval" (embedded) or a local .jsonl / Hugging Face dataset path (knexa_node.data)
+    #: "humaneval" (embedded), "skills" (the generated benchmark, knexa_lab.skills; models are
+    #: then skills-gpt2 / skills-gptneox / skills-llama) or a local .jsonl / Hugging Face
+    #: dataset path (knexa_node.data)
     problems: str = "humaneval"
     dirichlet_alpha: float = 0.1
     #: global test set size (0 = a quarter of the problems); only the first
@@ -123,8 +130,36 @@ class DaemonsSection:
 
 
 @dataclass(frozen=True, slots=True)
+class SkillsSection:
+    """The skills benchmark's split and pre-training (see knexa_lab.skills)."""
+
+    #: Dirichlet concentration over the 12 categories (small: each client holds a few)
+    alpha: float = 0.2
+    train_per_client: int = 64
+    val_per_category: int = 2
+    test_per_category: int = 20
+    transfer_per_category: int = 8
+    probe_per_category: int = 4
+    hidden: int = 128
+    layers: int = 2
+    public_examples: int = 3000
+    base_steps: int = 400
+    client_steps: int = 150
+
+    def __post_init__(self) -> None:
+        bad = [k for k in ("train_per_client", "val_per_category", "test_per_category", "transfer_per_category",
+                           "probe_per_category", "hidden", "layers", "public_examples", "base_steps", "client_steps")
+               if getattr(self, k) < 1]
+        if bad:
+            raise ValueError(f"{', '.join(bad)} must be >= 1")
+        if self.alpha <= 0:
+            raise ValueError("alpha must be > 0")
+
+
+@dataclass(frozen=True, slots=True)
 class ExperimentConfig:
     experiment: ExperimentSection = field(default_factory=ExperimentSection)
+    skills: SkillsSection = field(default_factory=SkillsSection)
     learning: dict[str, Any] = field(default_factory=dict)
     methods: dict[str, Any] = field(default_factory=dict)
     daemons: DaemonsSection = field(default_factory=DaemonsSection)
@@ -221,9 +256,21 @@ def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:
     return cfg
 
 
-def resolve_config(preset: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
-    """Load ``preset``, apply ``overrides`` (``--set`` and flags, as nested tables), validate."""
+def resolve_config(preset: str | Path, overrides: dict[str, Any] | None = None, *,
+                   quick: bool = False) -> ExperimentConfig:
+    """Load ``preset``, apply its ``[quick]`` table when ``quick``, then ``overrides`` (``--set``
+    and flags, as nested tables), and validate.
+
+    Raises:
+        ConfigError: also when ``quick`` is asked of a preset without a ``[quick]`` table.
+    """
     label, data = load_preset(preset)
+    quick_table = data.pop("quick", None)
+    if quick:
+        if not isinstance(quick_table, dict):
+            raise ConfigError(f"preset {label!r} has no [quick] variant")
+        data = _merge(data, quick_table)
+        label = f"{label} (quick)"
     data = _merge(data, overrides or {})
     data.setdefault("preset", label)
     return config_from_dict(data)
@@ -243,7 +290,15 @@ def check_models(cfg: ExperimentConfig, cache_dir: Path) -> None:
     from knexa_node.models import ModelLoadError, resolve_model
 
     failed: list[tuple[str, str]] = []
-    for name in dict.fromkeys(cfg.experiment.models):
+    if cfg.experiment.problems == "skills":
+        from knexa_lab.skills.models import skills_family
+
+        for name in cfg.experiment.models:
+            try:
+                skills_family(name)
+            except ValueError as exc:
+                failed.append((name, str(exc)))
+    for name in dict.fromkeys(() if cfg.experiment.problems == "skills" else cfg.experiment.models):
         try:
             resolve_model(name, cache_dir=cache_dir)
         except ModelLoadError as exc:

@@ -64,6 +64,18 @@ def prepare_split(cfg: ExperimentConfig, seed: int, out_dir: Path) -> Path:
     if (out_dir / "manifest.json").is_file():
         return out_dir
     e = cfg.experiment
+    if e.problems == "skills":
+        from knexa_lab.skills.split import SplitSettings, make_skills_split, write_skills_split
+
+        k = cfg.skills
+        split = make_skills_split(SplitSettings(
+            clients=len(e.models), alpha=k.alpha, train_per_client=k.train_per_client,
+            val_per_category=k.val_per_category, test_per_category=k.test_per_category,
+            transfer_per_category=k.transfer_per_category, probe_per_category=k.probe_per_category), seed)
+        write_skills_split(split, out_dir)
+        logger.info("skills split seed=%d: test=%d transfer=%d probe=%d; training problems per client and "
+                    "category: %s", seed, len(split.test), len(split.transfer), len(split.probe), split.counts)
+        return out_dir
     split = make_split(load_problems(e.problems), n_nodes=len(e.models), seed=seed,
                        test_size=e.test_size or None, transfer_size=e.transfer_size, alpha=e.dirichlet_alpha)
     # shards are already shuffled, so a prefix keeps each client's category mix in expectation
@@ -81,10 +93,26 @@ def build_clients(cfg: ExperimentConfig, seed: int, data_dir: Path, cache_dir: P
 
     clients = []
     for i, model in enumerate(cfg.experiment.models):
+        if cfg.experiment.problems == "skills":
+            model = str(_skills_model(cfg, seed, model, data_dir / f"node-{i}", cache_dir))
         backend = TorchBackend.create(model, data_dir / f"node-{i}", learning_config(cfg, seed, i),
                                       cache_dir=cache_dir, public_dir=data_dir / "public")
         clients.append(Client(index=i, name=f"client-{i}", backend=backend, seed=client_seed(seed, i)))
     return clients
+
+
+def _skills_model(cfg: ExperimentConfig, seed: int, name: str, node_dir: Path, cache_dir: Path | None) -> Path:
+    """The client's own pre-trained model (its family's public base fine-tuned on its shard)."""
+    from knexa_lab.skills.models import PretrainSettings, build_client_model, skills_family
+    from knexa_node.data import read_jsonl
+    from knexa_node.models import default_cache_dir
+
+    k = cfg.skills
+    settings = PretrainSettings(hidden=k.hidden, layers=k.layers, public_examples=k.public_examples,
+                                base_steps=k.base_steps, client_steps=k.client_steps,
+                                threads=int(cfg.learning.get("threads", 1)) or 1)
+    cache = Path(cache_dir or default_cache_dir()) / "skills"
+    return build_client_model(skills_family(name), read_jsonl(node_dir / "train.jsonl"), cache, seed, settings)
 
 
 def _free(clients: list[Client]) -> None:
@@ -164,7 +192,8 @@ def _finite(x: float | None) -> float | None:
 
 
 def _round(cfg: ExperimentConfig, name: str, seed: int, r: int, clients: Sequence[Client], method: Method,
-           settings: Mapping[str, Any], history: dict[int, list[Any]], workdir: Path) -> list[dict[str, Any]]:
+           settings: Mapping[str, Any], history: dict[int, list[Any]], workdir: Path,
+           data_dir: Path | None = None) -> list[dict[str, Any]]:
     e = cfg.experiment
     spent = {c.index: 0.0 for c in clients}
     budget0 = {c.index: c.backend.budget() for c in clients}
@@ -176,7 +205,8 @@ def _round(cfg: ExperimentConfig, name: str, seed: int, r: int, clients: Sequenc
             spent[c.index] += time.perf_counter() - t0
     rng = np.random.default_rng(np.random.SeedSequence([seed, r, zlib.crc32(name.encode())]))
     ctx = RoundContext(round_idx=r, total_rounds=e.rounds, clients=clients, rng=rng,
-                       history={i: tuple(h) for i, h in history.items()}, settings=settings, workdir=workdir)
+                       history={i: tuple(h) for i, h in history.items()}, settings=settings, workdir=workdir,
+                       extras={"data_dir": data_dir})
     t0 = time.perf_counter()
     steps: dict[int, ClientStep] = method.communicate(ctx) or {}
     share = (time.perf_counter() - t0) / len(clients)
@@ -278,7 +308,7 @@ def _run_sim(job: RunJob, events: Events) -> None:
         for r in range(start, e.rounds):
             events("start", key, r + 1)
             t0 = time.perf_counter()
-            rows = _round(cfg, name, seed, r, clients, method, settings, history, workdir)
+            rows = _round(cfg, name, seed, r, clients, method, settings, history, workdir, job.data_dir)
             if r + 1 == e.rounds:  # before the last commit, so a run that broke this never counts as done
                 changed = [c.name for c in clients if c.backend.base_fingerprint() != base[c.index]]
                 if changed:

@@ -13,6 +13,8 @@ method never stops the others from running.
 - ``fedproxy.py``: ``fedproxy`` (a proxy SLM trained and aggregated instead of the LLM).
 - ``central_kd.py``: ``central-kd`` (FedMD-style ensemble teacher on X_u).
 - ``fedid.py``: ``fedid-centralkd`` (a server model learns from clients' text by vote, then teaches).
+- ``oracle.py``: ``oracle-p2p``, the P2P exchange matched on true per-category skill gaps measured
+  on a hidden probe set (skills benchmark only): the upper bound of what matching can buy.
 
 To add a method: implement :class:`base.Method` with a no-argument constructor and call
 :func:`register` (or add a line to ``REGISTRY``).
@@ -51,6 +53,7 @@ REGISTRY: dict[str, str] = {
     "central-kd": f"{_PKG}.central_kd:CentralKD",
     "fedid-centralkd": f"{_PKG}.fedid:FedIDCentralKD",
     "fedproxy": f"{_PKG}.fedproxy:FedProxy",
+    "oracle-p2p": f"{_PKG}.oracle:OracleP2P",
 }
 
 #: the methods `--mode daemons` can run through the real knexa-cpm / knexa-node processes
