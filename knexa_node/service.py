@@ -655,8 +655,8 @@ class NodeService:
                     short(student), len(kept), report.blocked, report.reasons)
         out: dict[str, Any] = {"role": "teacher", "partner": peer_id_str(student),
                                "guardrail": {"kept": report.kept, "blocked": report.blocked, "reasons": report.reasons}}
-        if not host.is_connected(student):  # it may have moved since our last directory exchange
-            await self.refresh_directory(host)
+        if not host.is_connected(student):
+            await self._reach_student(host, student)
         try:
             with self._phase("teach_send"):
                 out.update(await self.send_package(host, directive, student, did, kept, report.blocked))
@@ -668,11 +668,27 @@ class NodeService:
             out["error"] = str(exc)[:200]
         return out
 
+    async def _reach_student(self, host: P2PHost, student: bytes) -> None:
+        """Refresh its address (it may have moved), then keep dialling it for up to
+        `stream_timeout_s`: a student behind a NAT cannot be dialled but dials us itself
+        (connection reversal, see `_learn`), and our stream then rides its connection; a student
+        that is really gone must not hold up our round for longer than that."""
+        await self.refresh_directory(host)
+        with trio.move_on_after(min(self.cfg.package_timeout_s, self.cfg.stream_timeout_s)):
+            while not await host.dial_peer(student, timeout=self.cfg.stream_timeout_s):
+                await trio.sleep(1.0)
+
     async def _learn(self, host: P2PHost, directive: MatchDirective, teacher: bytes, did: bytes,
                      loss_pre: float) -> dict[str, Any]:
         out: dict[str, Any] = {"role": "student", "partner": peer_id_str(teacher)}
         self.metrics.matches.labels("student").inc()
         event = self._inbox_events.setdefault(did, trio.Event())
+        if not host.is_connected(teacher):
+            # connection reversal: behind a NAT the teacher cannot dial us, but we can dial it,
+            # and its KD stream then rides our connection (tests/integration/test_netns_nat.py)
+            if teacher not in self.discovered:
+                await self.refresh_directory(host)
+            await host.dial_peer(teacher, timeout=self.cfg.stream_timeout_s)
         self._waiting.add(did)
         try:
             with self._phase("learn_wait_package"), trio.move_on_after(self.cfg.package_timeout_s):

@@ -213,6 +213,23 @@ class P2PHost:
             raise DialError(f"cannot reach {maddr}: timed out after {timeout:.0f}s")
         return info.peer_id.to_bytes()
 
+    async def dial_peer(self, peer: bytes, *, timeout: float = 10.0) -> bool:
+        """Connect to `peer` at the addresses the peerstore holds (e.g. from its signed record).
+
+        Used for connection reversal: a node behind a NAT cannot be dialled, but it can dial its
+        partner, whose streams then ride that connection. False if no address worked in time.
+        """
+        if self.is_connected(peer):
+            return True
+        self._forget_failures(ID(peer))
+        with trio.move_on_after(timeout):
+            try:
+                await self._host.get_network().dial_peer(ID(peer))
+                return True
+            except (BaseLibp2pError, OSError) as exc:
+                logger.info("dial peer=%s failed: %s", ID(peer), type(exc).__name__)
+        return self.is_connected(peer)
+
     def _forget_failures(self, peer: ID) -> None:
         """Drop py-libp2p's 60 s negative dial cache for `peer`: our callers run their own
         backoff, and a restarted CPM or peer must be reachable on the next try, not a minute

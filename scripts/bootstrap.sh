@@ -11,6 +11,12 @@ if ! command -v bwrap >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-ge
     { apt-get install -y -q bubblewrap || { apt-get update -q && apt-get install -y -q bubblewrap; }; } >/dev/null 2>&1 \
         || echo "[bootstrap] bubblewrap unavailable: the sandbox falls back to rlimits"
 fi
+# The network-namespace tests (tests/integration/test_netns_*.py) build NATs with nftables.
+if ! command -v nft >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[bootstrap] installing nftables and iproute2 for the network-namespace tests"
+    { apt-get install -y -q nftables iproute2 || { apt-get update -q && apt-get install -y -q nftables iproute2; }; } \
+        >/dev/null 2>&1 || echo "[bootstrap] nftables unavailable: the network-namespace tests will skip"
+fi
 if [ ! -x .venv/bin/python ]; then
     echo "[bootstrap] creating .venv"
     "$PY" -m venv .venv
