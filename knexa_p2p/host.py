@@ -40,6 +40,7 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service.context import background_trio_service
+from libp2p.utils.address_validation import expand_wildcard_address
 
 from .identity import Identity
 from .streams import FramedStream, StreamBroken
@@ -239,8 +240,16 @@ class P2PHost:
             unblock(peer)
 
     def signed_record(self) -> bytes:
-        """Our libp2p signed peer record (listen addresses, timestamp seq) as envelope bytes."""
-        addrs = [multiaddr.Multiaddr(str(a).split("/p2p/")[0]) for a in self._host.get_addrs()]
+        """Our libp2p signed peer record (listen addresses, timestamp seq) as envelope bytes.
+
+        A wildcard listen address (0.0.0.0, the `init` default) is expanded to this machine's
+        interface addresses: a record saying 0.0.0.0 would make every peer dial itself.
+        """
+        addrs: list[multiaddr.Multiaddr] = []
+        for a in self._host.get_addrs():
+            bare = multiaddr.Multiaddr(str(a).split("/p2p/")[0])
+            wildcard = str(bare).startswith(("/ip4/0.0.0.0/", "/ip6/::/"))
+            addrs.extend(expand_wildcard_address(bare) if wildcard else [bare])
         record = PeerRecord(self._host.get_id(), addrs)
         return seal_record(record, self._host.get_private_key()).marshal_envelope()
 

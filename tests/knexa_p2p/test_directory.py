@@ -105,3 +105,18 @@ def test_open_record_rejects_tampering():
                 raise AssertionError("a tampered or misattributed record verified")
 
     trio.run(main)
+
+
+async def test_wildcard_listen_address_is_expanded_in_the_record():
+    """`knexa-node init` listens on 0.0.0.0 by default; a record saying 0.0.0.0 is useless."""
+    import multiaddr
+    import pytest
+    from libp2p.utils.address_validation import expand_wildcard_address
+
+    if str(expand_wildcard_address(multiaddr.Multiaddr("/ip4/0.0.0.0/tcp/1"))[0]).startswith("/ip4/0.0.0.0"):
+        pytest.skip("this machine has no non-loopback IPv4 interface to advertise")
+    async with open_host(ident(), ["/ip4/0.0.0.0/tcp/0"]) as h:
+        rec = open_record(h.signed_record(), signer=h.peer_id)
+        assert rec.addrs and not any(a.startswith("/ip4/0.0.0.0/") for a in rec.addrs)
+        port = h.addrs()[0].split("/tcp/")[1].split("/")[0]
+        assert all(a.endswith(f"/tcp/{port}") for a in rec.addrs)
