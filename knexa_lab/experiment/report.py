@@ -22,7 +22,7 @@ from typing import Any
 
 from knexa_runtime.atomic import atomic_write_json, atomic_write_text
 
-from . import plots, tables
+from . import plots, skills_report, tables
 from .metrics import METRICS_JSONL, read_rows
 from .stats import CONFIDENCE, paired_difference
 
@@ -227,7 +227,9 @@ def _summary(exp: Experiment, results: list[tables.MethodResult], comparisons: l
         "units": {"pass_at_1": "fraction", "pass_at_5": "fraction", "pass_at_10": "fraction",
                   "codebleu": "fraction", "val_loss": "nats/token", "reward": "Eq. 3",
                   "mb_exchanged": "MB (1e6 bytes) sent + received per client, whole run",
-                  "wall_s": "seconds, whole run"},
+                  "wall_s": "seconds, whole run", "auc_pass_at_1": "fraction (mean over rounds)",
+                  "local_steps": "optimizer steps per client, whole run", "kd_steps": "optimizer steps per client",
+                  "tokens_trained": "tokens per client", "tokens_generated": "tokens per client (teaching)"},
         "methods": methods, "comparisons": comparisons,
     })
 
@@ -250,7 +252,13 @@ def write_report(results_dir: Path) -> list[Path]:
         atomic_write_text(out / name, text)
         written.append(out / name)
     written += plots.write_plots(exp, results, out / PLOTS_DIR)
-    atomic_write_json(out / SUMMARY, _summary(exp, results, comparisons))
+    summary = _summary(exp, results, comparisons)
+    if skills_report.has_skills(exp):
+        summary["skills"] = _json_safe(skills_report.skills_summary(exp, results))
+        atomic_write_text(out / skills_report.SKILLS_MD, skills_report.skills_markdown(exp, results, summary["skills"]))
+        written.append(out / skills_report.SKILLS_MD)
+        written += skills_report.skills_plots(exp, results, out / PLOTS_DIR)
+    atomic_write_json(out / SUMMARY, summary)
     written.append(out / SUMMARY)
     logger.info("report of %s: %d files", out, len(written))
     return written

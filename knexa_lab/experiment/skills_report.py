@@ -1,0 +1,196 @@
+"""The skills benchmark's part of the report: skill matrices, pair quality, the oracle fraction.
+
+Only where the rows carry per-category Pass@1 (``categories``; the skills benchmark), so a
+HumanEval report is unchanged. Everything is computed from ``metrics.jsonl``:
+
+- *skill matrix*: clients x categories Pass@1 on the test set, after round 1 and at the final
+  round, mean over seeds (clients are positions: each seed has its own shards);
+- *pair quality*: for each student row, what its teacher could teach it, ``sum_c max(0,
+  skill[t, c] - skill[s, c])`` from both clients' test skills of the round before (round 1 uses
+  round 1), averaged over a method's pairs: how close a matchmaker's choices are to the oracle's;
+- *oracle fraction*: how much of Oracle-P2P's gain over Random-P2P KNEXA-FL reaches,
+  ``mean_s(K - R) / mean_s(O - R)`` over seeds, for final Pass@1 and for the Pass@1 AUC.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from protocol._layout import CATEGORIES
+
+from . import tables
+from .stats import mean_ci, paired_difference
+
+if TYPE_CHECKING:
+    from .report import Experiment
+
+__all__ = ["has_skills", "oracle_fraction", "pair_quality", "skill_matrix", "skills_markdown", "skills_plots",
+           "skills_summary"]
+
+SKILLS_MD = "skills.md"
+_SHORT = {c: c.split("_")[0][:6] for c in CATEGORIES}
+
+
+def has_skills(exp: Experiment) -> bool:
+    return any(r.get("categories") for r in exp.rows)
+
+
+def _skills(row: dict[str, Any]) -> np.ndarray:
+    cats = row.get("categories") or {}
+    return np.array([float(cats.get(c, 0.0)) for c in CATEGORIES])
+
+
+def skill_matrix(exp: Experiment, method: str, round_no: int | None = None) -> np.ndarray | None:
+    """(clients, categories) mean over seeds at ``round_no`` (default: the method's last round)."""
+    rows = [r for r in exp.rows if r["method"] == method and r.get("categories")]
+    if not rows:
+        return None
+    rnd = max(r["round"] for r in rows) if round_no is None else round_no
+    acc: dict[str, list[np.ndarray]] = defaultdict(list)
+    for r in rows:
+        if r["round"] == rnd:
+            acc[r["client"]].append(_skills(r))
+    if not acc:
+        return None
+    return np.array([np.mean(acc[c], axis=0) if acc.get(c) else np.full(len(CATEGORIES), np.nan)
+                     for c in exp.clients])
+
+
+def pair_quality(exp: Experiment, method: str) -> dict[int, float]:
+    """seed -> mean teachable gain of the method's (teacher, student) pairs (see module doc)."""
+    rows = [r for r in exp.rows if r["method"] == method and r.get("categories")]
+    by_key = {(r["seed"], r["round"], r["client"]): r for r in rows}
+    gains: dict[int, list[float]] = defaultdict(list)
+    for r in rows:
+        if r.get("role") != "student" or not r.get("partner"):
+            continue
+        prev = max(r["round"] - 1, 1)
+        t, s = by_key.get((r["seed"], prev, r["partner"])), by_key.get((r["seed"], prev, r["client"]))
+        if t is None or s is None:
+            continue
+        gains[r["seed"]].append(float(np.clip(_skills(t) - _skills(s), 0.0, None).sum()))
+    return {seed: float(np.mean(g)) for seed, g in gains.items()}
+
+
+def oracle_fraction(results: Sequence[tables.MethodResult], method: str = "knexa-fl",
+                    metric: str = "pass_at_1") -> dict[str, Any] | None:
+    """The fraction of Oracle-P2P's gain over Random-P2P that ``method`` reaches, paired by seed."""
+    by = {r.name: r for r in results}
+    if not all(m in by for m in (method, "random-p2p", "oracle-p2p")):
+        return None
+    k, rnd, o = (by[m].per_seed[metric] for m in (method, "random-p2p", "oracle-p2p"))
+    gain_k = paired_difference(k, rnd)
+    gain_o = paired_difference(o, rnd)
+    if gain_k.ci.mean is None or gain_o.ci.mean is None:
+        return None
+    frac = gain_k.ci.mean / gain_o.ci.mean if gain_o.ci.mean > 0 else None
+    return {"method": method, "metric": metric, "fraction": frac,
+            "method_gain": gain_k.ci.to_dict(), "oracle_gain": gain_o.ci.to_dict(),
+            "note": None if gain_o.ci.mean > 0 else "Oracle-P2P did not beat Random-P2P: no fraction"}
+
+
+def skills_summary(exp: Experiment, results: Sequence[tables.MethodResult]) -> dict[str, Any]:
+    methods = [r.name for r in results]
+    quality = {m: pair_quality(exp, m) for m in methods}
+    return {
+        "categories": list(CATEGORIES),
+        "skill_matrix": {m: {"after_round_1": _list(skill_matrix(exp, m, 1)), "final": _list(skill_matrix(exp, m))}
+                         for m in methods},
+        "pair_quality": {m: {**mean_ci(list(q.values())).to_dict(), "per_seed": q} for m, q in quality.items() if q},
+        "oracle_fraction": [f for f in (oracle_fraction(results, m, metric)
+                                        for m in ("knexa-fl", "knexa-fl-concat", "heuristic-p2p")
+                                        for metric in ("pass_at_1", "auc_pass_at_1")) if f],
+    }
+
+
+def _list(a: np.ndarray | None) -> list[list[float]] | None:
+    return None if a is None else np.round(a, 4).tolist()
+
+
+def _matrix_md(exp: Experiment, grid: np.ndarray) -> list[str]:
+    head = "| client | model | " + " | ".join(_SHORT[c] for c in CATEGORIES) + " | mean |"
+    lines = [head, "|" + "---|" * (len(CATEGORIES) + 3)]
+    for client, row in zip(exp.clients, grid, strict=True):
+        cells = " | ".join("—" if np.isnan(v) else f"{100 * v:.0f}" for v in row)
+        lines.append(f"| {client} | {exp.models.get(client, '')} | {cells} | {100 * np.nanmean(row):.1f} |")
+    return lines
+
+
+def skills_markdown(exp: Experiment, results: Sequence[tables.MethodResult], summary: dict[str, Any]) -> str:
+    out = [f"# Skills benchmark: who learned what ({exp.directory.name})", "",
+           "Pass@1 (%) per client and category on the global test set, mean over seeds. Clients are "
+           "positions: every seed draws its own shards, so a row mixes different shards.", ""]
+    first = next((m for m in ("local-only", *[r.name for r in results]) if skill_matrix(exp, m, 1) is not None), None)
+    if first is not None:
+        out += [f"## After round 1 ({tables.label(first)}; every method starts from the same models)", ""]
+        out += _matrix_md(exp, skill_matrix(exp, first, 1)) + [""]
+    for r in results:
+        grid = skill_matrix(exp, r.name)
+        if grid is not None:
+            out += [f"## {r.label}: final round", ""] + _matrix_md(exp, grid) + [""]
+    quality = summary.get("pair_quality", {})
+    if quality:
+        out += ["## Pair quality", "",
+                "What a method's teacher could teach its student (sum over categories of the teacher's "
+                "skill above the student's, from the round before), mean over pairs; 95% t interval over "
+                "seeds.", "", "| method | teachable gain per pair | n |", "|---|---|---|"]
+        for m, q in quality.items():
+            hw = f" ± {q['half_width']:.3f}" if q.get("half_width") is not None else ""
+            out.append(f"| {tables.label(m)} | {q['mean']:.3f}{hw} | {q['n']} |")
+        out.append("")
+    fractions = summary.get("oracle_fraction", [])
+    if fractions:
+        out += ["## Fraction of Oracle-P2P's gain over Random-P2P", "",
+                "| method | metric | method − Random | Oracle − Random | fraction |", "|---|---|---|---|---|"]
+        for f in fractions:
+            mg, og = f["method_gain"], f["oracle_gain"]
+            frac = "—" if f["fraction"] is None else f"{f['fraction']:.2f}"
+            out.append(f"| {tables.label(f['method'])} | {f['metric']} | {_ci(mg)} | {_ci(og)} | {frac} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _ci(d: dict[str, Any]) -> str:
+    if d.get("mean") is None:
+        return "—"
+    hw = d.get("half_width")
+    return f"{100 * d['mean']:+.2f}" + (f" ± {100 * hw:.2f}" if hw is not None else "") + " pp"
+
+
+def skills_plots(exp: Experiment, results: Sequence[tables.MethodResult], out: Path) -> list[Path]:
+    """Skill heatmaps (round 1 and final per method) and match heatmaps side by side with Oracle's."""
+    from .plots import _figure, _save
+
+    paths = []
+    names = [r.name for r in results if skill_matrix(exp, r.name) is not None]
+    if names:
+        panels = [("after round 1", skill_matrix(exp, names[0], 1))] + [
+            (tables.label(m), skill_matrix(exp, m)) for m in names]
+        fig = _figure((3.2 * len(panels), 0.35 * len(exp.clients) + 2.5))
+        axes = fig.subplots(1, len(panels), squeeze=False)[0]
+        for ax, (title, grid) in zip(axes, panels, strict=True):
+            ax.imshow(grid, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+            ax.set_title(title, fontsize="small")
+            ax.set_xticks(range(len(CATEGORIES)), [_SHORT[c] for c in CATEGORIES], rotation=90, fontsize=6)
+            ax.set_yticks(range(len(exp.clients)), exp.clients, fontsize=6)
+        fig.suptitle("Pass@1 per client (rows) and category (columns), mean over seeds")
+        paths.append(_save(fig, out / "skills_matrix.png"))
+    shown = [m for m in ("random-p2p", "knexa-fl", "oracle-p2p") if any(any(c) for c in tables.match_counts(exp, m)[2])]
+    if len(shown) >= 2:
+        fig = _figure((4.5 * len(shown), 4.5))
+        axes = fig.subplots(1, len(shown), squeeze=False)[0]
+        for ax, m in zip(axes, shown, strict=True):
+            teachers, students, counts = tables.match_counts(exp, m)
+            ax.imshow(np.asarray(counts), cmap="Blues", vmin=0)
+            ax.set_title(tables.label(m), fontsize="small")
+            ax.set_xticks(range(len(students)), [s.split("-")[-1] for s in students])
+            ax.set_yticks(range(len(teachers)), [t.split("-")[-1] for t in teachers])
+            ax.set(xlabel="student", ylabel="teacher")
+        fig.suptitle("teacher → student matches, all rounds and seeds")
+        paths.append(_save(fig, out / "match_heatmaps_vs_oracle.png"))
+    return paths
