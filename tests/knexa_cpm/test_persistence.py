@@ -42,10 +42,10 @@ REPO = Path(__file__).resolve().parents[2]
 class Daemon:
     """One `knexa-cpm serve` child in its own session, with stdout read by a thread."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, extra: list[str] | None = None) -> None:
         cmd = [sys.executable, "-m", "knexa_cpm", "serve", "--state-dir", str(state_dir),
                "--listen", "/ip4/127.0.0.1/tcp/0", "--set", "cpm.expected_nodes=2",
-               "--set", "cpm.round_timeout_s=600"]
+               "--set", "cpm.round_timeout_s=600", *(extra or [])]
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, start_new_session=True,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
