@@ -93,3 +93,53 @@ def test_input_is_not_modified_unless_allowed():
     before = s.copy()
     greedy_disjoint(s, None, rng)
     np.testing.assert_array_equal(s, before)
+
+
+def _best_by_brute_force(s: np.ndarray) -> float:
+    """The largest total of disjoint ordered pairs (each taken in its better orientation, or not)."""
+    best = 0.0
+
+    def extend(free: list[int], value: float) -> None:
+        nonlocal best
+        best = max(best, value)
+        if len(free) < 2:
+            return
+        head, rest = free[0], free[1:]
+        extend(rest, value)
+        for j in rest:
+            extend([x for x in rest if x != j], value + max(s[head, j], s[j, head], 0.0))
+
+    extend(list(range(s.shape[0])), 0.0)
+    return best
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 9), st.integers(0, 2**32 - 1))
+def test_whole_round_matchings_against_brute_force(n, seed):
+    from knexa_cpm.matching import (
+        matching_upper_bound,
+        matching_value,
+        max_weight_matching,
+        round_matching,
+    )
+
+    s = np.random.default_rng(seed).normal(size=(n, n))
+    best = _best_by_brute_force(s)
+    exact = max_weight_matching(s)
+    assert matching_value(s, exact) == pytest.approx(best, abs=1e-9)
+    assert matching_upper_bound(s) >= best - 1e-9
+    near = round_matching(s)
+    assert matching_value(s, near) <= best + 1e-9
+    for pairs in (exact, near):
+        nodes = [v for p in pairs for v in p]
+        assert len(nodes) == len(set(nodes)) and all(s[i, j] >= s[j, i] and s[i, j] > 0 for i, j in pairs)
+
+
+def test_whole_round_beats_greedy_where_greedy_blocks():
+    from knexa_cpm.matching import matching_value, round_matching
+
+    # greedy takes 0->1 (10) and is left with 2->3 (0.5); pairing 0->2 and 1->3 earns 18
+    s = np.full((4, 4), -np.inf)
+    s[0, 1], s[0, 2], s[1, 3], s[2, 3] = 10.0, 9.0, 9.0, 0.5
+    assert matching_value(s, greedy_disjoint(s, None, np.random.default_rng(0))) == 10.5
+    assert sorted(round_matching(s)) == [(0, 2), (1, 3)]

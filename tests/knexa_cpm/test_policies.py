@@ -232,3 +232,46 @@ def test_oracle_is_greedy_on_the_utility():
     u = np.array([[0, 1, 2, 9.0], [0, 0, 8, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
     oracle.set_utility(u)
     assert oracle.select(p, 0) == [(0, 3), (1, 2)]
+
+
+def test_hybrid_learns_the_ordered_family_pair_and_a_bad_teacher():
+    """The hybrid's features hold the ordered family pair (a tokenizer mismatch is not symmetric)
+    and its teacher effects follow ids: after feedback it picks what paid."""
+    from knexa_cpm.hybrid import HybridPolicy
+
+    rng = np.random.default_rng(3)
+    p = np.zeros((4, 32))
+    p[np.arange(4), [0, 0, 1, 1]] = 1.0  # families: agents 0, 1 in one, 2, 3 in another
+    p[:, 8:20] = 0.5
+    p[:, 20:] = 1 / 12
+    ids = ["a", "b", "c", "d"]
+    policy = HybridPolicy(seed=0)
+    # family 0 -> family 1 pays 2, the reverse costs 0.5, within a family 0; teacher "b" costs 4
+    value = {(True, False): 2.0, (False, True): -0.5}
+    for _ in range(60):
+        for t, s in [(0, 2), (0, 3), (1, 2), (1, 3), (2, 0), (3, 1), (2, 1), (3, 0), (0, 1), (1, 0), (2, 3), (3, 2)]:
+            r = value.get((t < 2, s < 2), 0.0) - (4.0 if ids[t] == "b" else 0.0) + rng.normal(0, 0.3)
+            policy.observe(p[t], p[s], r, teacher_id=ids[t], student_id=ids[s])
+    picks = [tuple(sorted(policy.select(p, 100 + k, peer_ids=ids))) for k in range(5)]
+    assert all(pairs == ((0, 2), (3, 1)) or pairs == ((0, 3), (2, 1)) for pairs in picks), picks
+    assert all((0, 2) in pairs or (0, 3) in pairs for pairs in picks)  # "a" teaches, "b" never does
+
+
+def test_hybrid_state_round_trip_keeps_identity_effects():
+    from knexa_cpm.hybrid import HybridPolicy
+
+    rng = np.random.default_rng(0)
+    p = rng.random((6, 32))
+    p[:, :8] = np.eye(6, 8)
+    ids = [f"n{i}" for i in range(6)]
+    a = HybridPolicy(seed=5, trust_weight=1.0)
+    for k in range(30):
+        t, s = rng.choice(6, 2, replace=False)
+        a.pair_scores(p, k, ids)
+        a.observe(p[t], p[s], float(rng.normal()), teacher_id=ids[t], student_id=ids[s])
+    b = HybridPolicy(seed=99, trust_weight=1.0)
+    b.load_state_dict(a.state_dict())
+    assert b.select(p, 31, peer_ids=ids) == a.select(p, 31, peer_ids=ids)
+    assert b.teacher.n == a.teacher.n and b.taught == a.taught
+    with pytest.raises(ValueError):
+        b.load_state_dict({**a.state_dict(), "dim": 3})
