@@ -127,10 +127,15 @@ def run_daemons(cfg: ExperimentConfig, out: Path, name: str, seed: int, data_dir
     fed_dir = out / "runs" / name / f"seed-{seed}" / "federation"
     shutil.rmtree(fed_dir, ignore_errors=True)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    for model in dict.fromkeys(e.models):
+    models = list(e.models)
+    if e.problems == "skills":  # each client's own pre-trained model, as in simulation
+        from .engine import skills_model
+
+        models = [str(skills_model(cfg, seed, m, data_dir / f"node-{i}", cache_dir)) for i, m in enumerate(models)]
+    for model in dict.fromkeys(models):
         prepare_model(model, cache_dir=cache)  # once here, not raced by N nodes
     cpm, node = _daemon_configs(cfg, name, seed)
-    spec = FederationSpec(out=fed_dir, data=data_dir, models=list(e.models), rounds=e.rounds,
+    spec = FederationSpec(out=fed_dir, data=data_dir, models=models, rounds=e.rounds,
                           learning=dict(cfg.learning), cache=cache,
                           node_seeds=[client_seed(seed, i) for i in range(len(e.models))], cpm=cpm, node=node,
                           federation=f"knexa-{name}-{seed}", round_timeout_s=cfg.daemons.round_timeout_s,

@@ -94,14 +94,14 @@ def build_clients(cfg: ExperimentConfig, seed: int, data_dir: Path, cache_dir: P
     clients = []
     for i, model in enumerate(cfg.experiment.models):
         if cfg.experiment.problems == "skills":
-            model = str(_skills_model(cfg, seed, model, data_dir / f"node-{i}", cache_dir))
+            model = str(skills_model(cfg, seed, model, data_dir / f"node-{i}", cache_dir))
         backend = TorchBackend.create(model, data_dir / f"node-{i}", learning_config(cfg, seed, i),
                                       cache_dir=cache_dir, public_dir=data_dir / "public")
         clients.append(Client(index=i, name=f"client-{i}", backend=backend, seed=client_seed(seed, i)))
     return clients
 
 
-def _skills_model(cfg: ExperimentConfig, seed: int, name: str, node_dir: Path, cache_dir: Path | None) -> Path:
+def skills_model(cfg: ExperimentConfig, seed: int, name: str, node_dir: Path, cache_dir: Path | None) -> Path:
     """The client's own pre-trained model (its family's public base fine-tuned on its shard)."""
     from knexa_lab.skills.models import PretrainSettings, build_client_model, skills_family
     from knexa_node.data import read_jsonl
