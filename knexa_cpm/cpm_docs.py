@@ -23,7 +23,10 @@ STUDIES: dict[str, list[str]] = {
     "worlds": ["--world", "family", "affinity", "tokenizer", "wrong", "--nodes", "8", "32", "--het", "high",
                "--seeds", "10", "--policies", "random", "heuristic", "linucb-concat", "linucb-interaction",
                "hybrid", "oracle", "oracle-exact", "best-fixed", "--no-plots", "--quiet"],
-    "poison": ["--world", "poison", "--nodes", "16", "32", "--het", "high", "--seeds", "10", "--policies",
+    "fig2": ["--world", "family", "--nodes", "8", "16", "32", "64", "--het", "high", "low", "--seeds", "5",
+             "--policies", "random", "heuristic", "linucb-concat", "linucb-interaction", "hybrid", "oracle",
+             "--no-plots", "--quiet"],
+    "poison": ["--world", "poison", "mimic", "--nodes", "16", "32", "--het", "high", "--seeds", "10", "--policies",
                "random", "linucb-interaction", "linucb-interaction+trust", "hybrid", "hybrid+trust", "oracle",
                "--no-plots", "--quiet"],
 }
@@ -42,16 +45,23 @@ def splice(doc: str, name: str, table: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the studies named in argv (default: all) and splice their tables into docs/cpm.md."""
-    names = argv or list(STUDIES)
-    doc = DOC.read_text()
+    """Run the studies named in argv (default: all) and splice their tables into docs/cpm.md;
+    `--splice-only` splices the tables already under docs/results/cpm/ without running."""
+    args = list(argv or [])
+    only = "--splice-only" in args
+    names = [a for a in args if a != "--splice-only"] or list(STUDIES)
+    unknown = sorted(set(names) - set(STUDIES))
+    if unknown:
+        print(f"cpm_docs: unknown study {unknown}; choose from {', '.join(STUDIES)}", file=sys.stderr)
+        return 2
     for name in names:
         out = OUT / name
-        code = simulate([*STUDIES[name], "--out", str(out.relative_to(ROOT))])
-        if code:
-            return code
-        doc = splice(doc, name, (out / "table.md").read_text())
-        DOC.write_text(doc)
+        if not only:
+            code = simulate([*STUDIES[name], "--out", str(out.relative_to(ROOT))])
+            if code:
+                return code
+        # re-read: the page may have been edited while the study ran
+        DOC.write_text(splice(DOC.read_text(), name, (out / "table.md").read_text()))
     return 0
 
 

@@ -158,7 +158,7 @@ def write_table(rows: Sequence[Row], path: Path, command: str | None = None) -> 
                 f"{_pm(r['frac'], r['frac_ci'], '.2f')} | "
                 f"{_pm(r['regret'], r['regret_ci'], '.1f')} | {r['regret_h1']:.2f} → {r['regret_h2']:.2f} | "
                 f"{r['js']:.3f} |")
-        harmful = [r for r in recs if r["world"] == world and world in ("poison", "wrong")]
+        harmful = [r for r in recs if r["world"] == world and world in ("poison", "mimic", "wrong")]
         if harmful:
             lines += ["", f"Harmful teachers in `{world}`: share of matches they teach, and the agents' mean "
                       "validation score after the last round:", "",

@@ -41,6 +41,8 @@ exist so a matchmaker cannot win just by having that feature:
   compat as in "family".
 - poison: the trust study. An eighth of the agents (at least one) are poisoners: strong-looking
   profiles (capacity at the top of the range) whose packages harm the student in every category.
+- mimic: as poison, but every poisoner publishes the profile of the strongest honest agent (an
+  imitation attack), so no profile feature tells them apart: only peer ids can.
 
 World-specific draws come from their own stream, so the agents, histograms and noise of one seed
 are identical in every world.
@@ -59,7 +61,7 @@ __all__ = ["HETEROGENEITY", "WORLDS", "Federation", "SimState", "WorldConfig", "
 
 N_CAT = HIST_SLICE.stop - HIST_SLICE.start
 HETEROGENEITY = ("low", "high")
-WORLDS = ("family", "affinity", "tokenizer", "wrong", "poison")
+WORLDS = ("family", "affinity", "tokenizer", "wrong", "poison", "mimic")
 _EMA = 0.5
 
 
@@ -123,6 +125,7 @@ class Federation:
     kb: np.ndarray  # (N,) package size of each teacher
     compat: np.ndarray  # (N, N) teacher x student distillation efficiency
     harmful: np.ndarray  # (N, C) bool: teacher i's packages harm in category c
+    shown_as: np.ndarray  # (N,) whose profile agent i publishes (itself, except mimics)
     reward_noise: np.ndarray  # (T, N, N) noise of teacher i -> student j in round t
     eval_noise: np.ndarray  # (T + 1, N, 3) evaluation noise of Pass@1, CodeBLEU, log-ppl
 
@@ -164,13 +167,18 @@ def draw_federation(cfg: WorldConfig) -> Federation:
         bad = wrng.choice(n, max(1, round(cfg.wrong_frac * n)), replace=False)
         top = np.argsort(-hist[bad], axis=1)[:, :cfg.wrong_cats]  # confidently wrong where it looks strongest
         harmful[bad[:, None], top] = True
-    elif cfg.world == "poison":
+    shown_as = np.arange(n)
+    if cfg.world in ("poison", "mimic"):
         bad = wrng.choice(n, max(1, round(cfg.poison_frac * n)), replace=False)
         harmful[bad] = True
         cap = cap.copy()
         cap[bad] = cfg.cap_high
         level = cap[:, None] * (cfg.floor + (1 - cfg.floor) * (1 - np.exp(-N_CAT * hist)))
-    return Federation(cfg, hist, family, cap, level, weights, kb, compat, harmful, reward_noise, eval_noise)
+        if cfg.world == "mimic":
+            honest = np.setdiff1d(np.arange(n), bad)
+            shown_as[bad] = honest[np.argmax(cap[honest])]
+    return Federation(cfg, hist, family, cap, level, weights, kb, compat, harmful, shown_as, reward_noise,
+                      eval_noise)
 
 
 def _delta(fed: Federation, teacher_skill: np.ndarray, student_skill: np.ndarray,
@@ -243,4 +251,4 @@ def profiles(fed: Federation, state: SimState) -> np.ndarray:
     p[np.arange(n), FAMILY_SLICE.start + fed.family] = 1.0
     p[:, PERF_SLICE] = np.round(_perf_features(state.history), 2)
     p[:, HIST_SLICE] = np.round(fed.hist, 2)
-    return p + 0.0
+    return p[fed.shown_as] + 0.0

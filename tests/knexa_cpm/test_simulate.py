@@ -187,3 +187,15 @@ def test_cli_rejects_bad_grid(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["--policies", "random+trust"])
     assert "knexa-cpm simulate" in capsys.readouterr().err
+
+
+def test_mimics_publish_an_honest_agents_profile():
+    fed = draw_federation(WorldConfig(n=16, het="high", rounds=2, seed=1, world="mimic"))
+    bad = poisoners(fed)
+    prof = profiles(fed, initial_state(fed))
+    target = fed.shown_as[bad[0]]
+    assert target not in bad and (fed.shown_as[bad] == target).all()
+    for i in bad:
+        np.testing.assert_array_equal(prof[i], prof[target])
+    honest = [i for i in range(16) if i not in bad]
+    assert (fed.shown_as[honest] == honest).all()
