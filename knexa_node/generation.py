@@ -221,6 +221,9 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, settings: Ge
     greedy = settings.temperature <= 0
     nrs = max(1, num_return_sequences)
     gen_cfg = GenerationConfig(
+        # the KV cache explicitly: gradient checkpointing (LearningConfig) may have switched the
+        # model's configs' use_cache off for training; generation must not inherit that
+        use_cache=True,
         max_new_tokens=settings.max_new_tokens, do_sample=not greedy, num_return_sequences=nrs,
         temperature=None if greedy else settings.temperature, top_p=None if greedy else settings.top_p,
         top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,

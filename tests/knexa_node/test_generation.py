@@ -100,3 +100,25 @@ def test_chat_format_and_answer_shapes(tiny_gpt2) -> None:  # noqa: ANN001
     assert training_target(prompt, body, chat=True) == prompt + body
     assert training_target(prompt, full, chat=True) == full and training_target(prompt, body, chat=False) == body
     assert body_of(full, "f") == body and body_of(body, "f") == body and body_of("def f(:\n", "f") == "def f(:\n"
+
+
+def test_generation_keeps_the_kv_cache_on_a_gradient_checkpointing_model(
+        model_cache: Path, problems: list[dict[str, str]]) -> None:
+    """Training settings never leak into generation: with gradient checkpointing on and use_cache
+    off in the model's configs, every decoding step after the first feeds one new token (KV cache)."""
+    loaded = load_model(resolve_model("tiny-gpt2", cache_dir=model_cache), lora=LoraSettings(), threads=1,
+                        gradient_checkpointing=True)
+    base = loaded.model.get_base_model()
+    base.config.use_cache = False
+    if base.generation_config is not None:
+        base.generation_config.use_cache = False
+    widths: list[int] = []
+    hook = base.register_forward_pre_hook(
+        lambda _m, _args, kwargs: widths.append(int(kwargs["input_ids"].shape[1])), with_kwargs=True)
+    try:
+        settings = GenerationSettings(max_new_tokens=6, batch_size=2)
+        out = generate(loaded.model, loaded.tokenizer, [p["prompt"] for p in problems[:2]], settings=settings)
+    finally:
+        hook.remove()
+    assert out.new_tokens > 0 and len(widths) >= 2
+    assert widths[0] > 1 and set(widths[1:]) == {1}
