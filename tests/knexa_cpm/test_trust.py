@@ -84,3 +84,25 @@ def test_experiments_pass_client_names_so_trust_weight_takes_effect(tmp_path: Pa
     method.peer_ids = ["c0", "c1", "c2", "c3"]
     method.observe(0, 1, profiles, -0.5)
     assert method.policy.badness == {"c0": pytest.approx(0.2)}
+
+
+def test_experiments_select_the_hybrid_by_name_and_resume_it(tmp_path: Path):
+    from knexa_lab.experiment.methods.p2p import KnexaFL
+
+    fake = [SimpleNamespace(seed=1000 + i) for i in range(4)]
+    method = KnexaFL()
+    method.setup(fake, {"policy": "hybrid", "trust_weight": 0.5}, tmp_path)
+    assert isinstance(method.policy, HybridPolicy) and method.policy.trust_weight == 0.5
+    rng = np.random.default_rng(1)
+    profiles = rng.random((4, 32))
+    profiles[:, :8] = np.eye(4, 8)
+    method.peer_ids = ["c0", "c1", "c2", "c3"]
+    for _ in range(5):
+        method.observe(0, 1, profiles, float(rng.normal()))
+    method.save(tmp_path)
+    again = KnexaFL()
+    again.setup(fake, {"policy": "hybrid", "trust_weight": 0.5}, tmp_path)
+    again.load(tmp_path)
+    ids = method.peer_ids
+    assert again.policy.select(profiles, 3, peer_ids=ids) == method.policy.select(profiles, 3, peer_ids=ids)
+    assert again.policy.teacher.n == {"c0": 5.0}
