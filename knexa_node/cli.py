@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     fetch = sub.add_parser(
         "fetch-model", help="download a hub model into a folder (to copy to an air-gapped site)",
         description="Download what a node needs of a Hugging Face hub model (configs, tokenizer, one set "
-        "of weights) into DIR, with a progress bar; an interrupted download resumes when run again. "
+        "of weights) into DIR, with a progress bar; a dropped connection resumes where it stopped, and a "
+        "second run skips the files already complete. "
         "Copy DIR to the offline site and start the node there with --model DIR. NAME is an alias "
         "(qwen-0.5b, cerebras-590m, bloom-560m, pythia-410m) or owner/name, optionally @REVISION "
         "(branch, tag or commit). HF_ENDPOINT and HF_TOKEN are honoured.")

@@ -313,9 +313,10 @@ def _hub_snapshot(name: str, hub_id: str, revision: str | None, *, offline: bool
 def fetch_model(name: str, to: Path) -> Path:
     """Download hub model ``name`` (alias or id, optional ``@REVISION``) into the folder ``to``.
 
-    For air-gapped sites: copy the folder over and start the node with ``--model DIR``. The
-    download resumes where an interrupted one stopped (partial files live in
-    ``DIR/.cache/huggingface``).
+    For air-gapped sites: copy the folder over and start the node with ``--model DIR``. A
+    dropped connection resumes within the run (a Range request from the last chunk written);
+    running it again skips files already complete (huggingface_hub >= 2 restarts a file that a
+    killed run left unfinished from zero: its temp files are per process).
 
     Raises:
         ModelLoadError: not a hub model, offline, or the download failed (one line).
