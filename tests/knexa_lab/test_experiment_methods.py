@@ -71,7 +71,7 @@ def test_fedavg_weighted_average_of_a_same_model_group(clients, tmp_path):
     assert method.groups == [[0, 2]]  # grouped by model; tiny-llama alone
     _fill(a, 2.0)
     _fill(b, 4.0)
-    steps = method.communicate(SimpleNamespace(clients=clients))
+    steps = method.aggregate(clients)
     n_a, n_b = len(a.backend.data.train), len(b.backend.data.train)
     expect = (n_a * 2.0 + n_b * 4.0) / (n_a + n_b)  # weighted by training-set size
     assert all(torch.allclose(t, torch.full_like(t, expect)) for t in _adapter(b).values())

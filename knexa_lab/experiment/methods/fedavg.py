@@ -118,10 +118,14 @@ class FedAvg:
         logger.info("fedavg groups: %s", self.groups or "none (every client alone: FedAvg = local-only)")
 
     def communicate(self, ctx: RoundContext) -> dict[int, ClientStep]:
-        by_index = {c.index: c for c in ctx.clients}
-        steps: dict[int, ClientStep] = {}
         for c in ctx.clients:  # the P2P methods' Eq. 2 steps without a teacher: equal budgets
             c.backend.integrate_local(ctx.round_idx, max(ctx.total_rounds, 1))
+        return self.aggregate(ctx.clients)
+
+    def aggregate(self, clients: Sequence[Client]) -> dict[int, ClientStep]:
+        """Average the adapters within each same-model group (the collaboration itself)."""
+        by_index = {c.index: c for c in clients}
+        steps: dict[int, ClientStep] = {}
         for g in self.groups:
             size = average_adapters([by_index[i] for i in g])
             for i in g:

@@ -44,7 +44,7 @@ class _SkillOracle:
         self.rng = np.random.default_rng(seed)
         self.skills: np.ndarray | None = None
 
-    def select(self, profiles: np.ndarray, round_idx: int, k_max: int | None) -> list[tuple[int, int]]:
+    def select(self, profiles: np.ndarray, round_idx: int, k_max: int | None, **_: Any) -> list[tuple[int, int]]:
         from knexa_cpm.matching import greedy_disjoint
 
         if self.skills is None:
