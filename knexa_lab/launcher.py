@@ -311,8 +311,10 @@ def _follow(children: list[Child], node_dirs: list[Path], rounds: int, timeout_s
                         text = match_line(json.loads(line), names or {})
                     except (ValueError, KeyError, TypeError):
                         text = None  # a line being written; the summary reads it again at the end
-                    if text:
+                    if text and progress:  # above the progress bar, in the launcher's voice
                         bar.write(f"[knexa-lab] {text}", file=sys.stdout)
+                    elif text:  # the caller decides where it goes (a log for experiments)
+                        say(text)
                 seen[k] = len(lines)
             n = sum(seen)
             if n > done:
