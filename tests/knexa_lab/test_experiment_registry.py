@@ -20,7 +20,7 @@ OWN = {"local-only": "LocalOnly", "random-p2p": "RandomP2P", "heuristic-p2p": "H
 
 
 def test_every_method_of_the_comparison_is_registered():
-    assert set(REGISTRY) == {*OWN, "central-kd", "fedid-centralkd", "fedproxy"}
+    assert set(REGISTRY) == {*OWN, "central-kd", "fedid-centralkd", "fedproxy", "oracle-p2p"}
     assert set(P2P_METHODS) <= set(REGISTRY)
 
 
