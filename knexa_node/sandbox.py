@@ -466,7 +466,10 @@ def _execute(
     cpu_s = int(timeout_s) + 2
     nonce = secrets.token_hex(16)
     drop = backend == "rlimit" and os.geteuid() == 0
-    with tempfile.TemporaryDirectory(prefix="knexa-sbx-", ignore_cleanup_errors=True) as workdir:
+    # a dropped uid must be able to reach its work dir: the process's temp dir may be a private
+    # 0700 folder of the node's user (TMPDIR, a test's tmp_path), so use /tmp, which anyone traverses
+    parent = "/tmp" if drop and os.path.isdir("/tmp") else None
+    with tempfile.TemporaryDirectory(prefix="knexa-sbx-", dir=parent, ignore_cleanup_errors=True) as workdir:
         tmp = "/tmp" if backend == "bwrap" else workdir
         if drop:
             os.chown(workdir, SANDBOX_UID, SANDBOX_UID)
