@@ -472,6 +472,9 @@ def _execute(
     with tempfile.TemporaryDirectory(prefix="knexa-sbx-", dir=parent, ignore_cleanup_errors=True) as workdir:
         tmp = "/tmp" if backend == "bwrap" else workdir
         if drop:
+            # explicit mode: mkdtemp's 0o700 is masked by the process umask, and a daemon's umask
+            # may be 0o177 for a moment (the control socket's bind) while another thread evaluates
+            os.chmod(workdir, 0o700)
             os.chown(workdir, SANDBOX_UID, SANDBOX_UID)
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
                "HOME": tmp, "TMPDIR": tmp}  # fmt: skip

@@ -345,6 +345,15 @@ def test_own_temp_dir_is_writable(backend: str) -> None:
     assert run(prog, backend).passed
 
 
+def test_own_temp_dir_is_writable_whatever_the_umask(backend: str) -> None:
+    """A daemon's umask can be 0o177 for a moment (control socket bind) while a thread evaluates."""
+    old = os.umask(0o177)
+    try:
+        assert run("open('local.txt', 'w').write('ok')\nassert open('local.txt').read() == 'ok'\n", backend).passed
+    finally:
+        os.umask(old)
+
+
 def test_file_size_is_capped(backend: str) -> None:
     assert not run("open('big', 'wb').write(b'x' * (32 << 20))\n", backend).passed
 
