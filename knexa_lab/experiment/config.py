@@ -155,6 +155,20 @@ class SkillsSection:
         if self.alpha <= 0:
             raise ValueError("alpha must be > 0")
 
+    def split_settings(self, clients: int) -> Any:
+        """The :class:`knexa_lab.skills.split.SplitSettings` this table describes."""
+        from knexa_lab.skills.split import SplitSettings
+
+        return SplitSettings(clients=clients, **{f: getattr(self, f) for f in SplitSettings.__dataclass_fields__
+                                                 if f != "clients"})
+
+    def pretrain_settings(self, threads: int) -> Any:
+        """The :class:`knexa_lab.skills.models.PretrainSettings` this table describes."""
+        from knexa_lab.skills.models import PretrainSettings
+
+        return PretrainSettings(threads=threads, **{f: getattr(self, f) for f in PretrainSettings.__dataclass_fields__
+                                                    if f in SkillsSection.__dataclass_fields__})
+
 
 @dataclass(frozen=True, slots=True)
 class ExperimentConfig:

@@ -65,13 +65,9 @@ def prepare_split(cfg: ExperimentConfig, seed: int, out_dir: Path) -> Path:
         return out_dir
     e = cfg.experiment
     if e.problems == "skills":
-        from knexa_lab.skills.split import SplitSettings, make_skills_split, write_skills_split
+        from knexa_lab.skills.split import make_skills_split, write_skills_split
 
-        k = cfg.skills
-        split = make_skills_split(SplitSettings(
-            clients=len(e.models), alpha=k.alpha, train_per_client=k.train_per_client,
-            val_per_category=k.val_per_category, test_per_category=k.test_per_category,
-            transfer_per_category=k.transfer_per_category, probe_per_category=k.probe_per_category), seed)
+        split = make_skills_split(cfg.skills.split_settings(len(e.models)), seed)
         write_skills_split(split, out_dir)
         logger.info("skills split seed=%d: test=%d transfer=%d probe=%d; training problems per client and "
                     "category: %s", seed, len(split.test), len(split.transfer), len(split.probe), split.counts)
@@ -103,14 +99,11 @@ def build_clients(cfg: ExperimentConfig, seed: int, data_dir: Path, cache_dir: P
 
 def skills_model(cfg: ExperimentConfig, seed: int, name: str, node_dir: Path, cache_dir: Path | None) -> Path:
     """The client's own pre-trained model (its family's public base fine-tuned on its shard)."""
-    from knexa_lab.skills.models import PretrainSettings, build_client_model, skills_family
+    from knexa_lab.skills.models import build_client_model, skills_family
     from knexa_node.data import read_jsonl
     from knexa_node.models import default_cache_dir
 
-    k = cfg.skills
-    settings = PretrainSettings(hidden=k.hidden, layers=k.layers, public_examples=k.public_examples,
-                                base_steps=k.base_steps, client_steps=k.client_steps,
-                                threads=int(cfg.learning.get("threads", 1)) or 1)
+    settings = cfg.skills.pretrain_settings(int(cfg.learning.get("threads", 1)) or 1)
     cache = Path(cache_dir or default_cache_dir()) / "skills"
     return build_client_model(skills_family(name), read_jsonl(node_dir / "train.jsonl"), cache, seed, settings)
 
