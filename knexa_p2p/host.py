@@ -13,11 +13,13 @@ non-member never gets a stream, an identify exchange or a pubsub subscription.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import multiaddr
 import trio
@@ -43,6 +45,15 @@ from libp2p.tools.anyio_service.context import background_trio_service
 from libp2p.utils.address_validation import expand_wildcard_address
 
 from .identity import Identity
+from .nat import (
+    ConnectionKinds,
+    MemberRelay,
+    RelayClient,
+    RelayError,
+    RelayPolicy,
+    connection_kind,
+    is_circuit,
+)
 from .streams import FramedStream, StreamBroken
 
 __all__ = ["MUXER_PROTOCOLS", "SECURITY_PROTOCOLS", "DialError", "GossipSettings", "MemberGate", "P2PHost", "open_host"]
@@ -104,9 +115,16 @@ class MemberGate:
         self.is_member = is_member
         self.on_refused = on_refused
         self.refused: Counter[str] = Counter()
+        #: throwaway peer ids a dial-back check announced: refused like any non-member (the check
+        #: only needs the Noise handshake), but logged at INFO and not counted as an intrusion
+        self.dialback: set[bytes] = set()
 
     def check(self, peer: bytes, *, direction: str, remote: str) -> str | None:
         """None if `peer` may stay connected, else the reason (after one log line)."""
+        if peer in self.dialback:
+            logger.info("dial-back check arrived peer=%s remote=%s; closing it after Noise", ID(peer), remote,
+                        extra={"event": "dialback_arrived"})
+            return "dialback"
         try:
             ok = self.is_member(peer)
         except Exception:  # a broken predicate must fail closed, not kill the listener
@@ -162,11 +180,19 @@ class P2PHost:
     """What a KNEXA daemon needs from libp2p, and nothing it should not touch."""
 
     def __init__(self, host: IHost, identity: Identity, pubsub: Pubsub | None,
-                 gate: MemberGate | None = None) -> None:
+                 gate: MemberGate | None = None, *, relay: MemberRelay | None = None,
+                 relay_client: RelayClient | None = None, kinds: ConnectionKinds | None = None) -> None:
         self._host = host
         self.identity = identity
         self._pubsub = pubsub
         self.gate = gate
+        #: the circuit relay v2 hop service this host offers (the CPM), if any
+        self.relay = relay
+        #: reservations and relayed dials (nodes), if enabled
+        self.relay_client = relay_client
+        self.kinds = kinds or ConnectionKinds()
+        #: "public", "private" (a dial-back from a fresh connection failed) or "unknown"
+        self.reachability = "unknown"
 
     def offered_protocols(self) -> dict[str, list[str]]:
         """What this host offers at the security and muxer negotiation steps, in order."""
@@ -215,21 +241,72 @@ class P2PHost:
         return info.peer_id.to_bytes()
 
     async def dial_peer(self, peer: bytes, *, timeout: float = 10.0) -> bool:
-        """Connect to `peer` at the addresses the peerstore holds (e.g. from its signed record).
+        """Connect to `peer` at the addresses the peerstore holds (e.g. from its signed record):
+        its direct addresses first, then through the relays its `/p2p-circuit` addresses name.
 
-        Used for connection reversal: a node behind a NAT cannot be dialled, but it can dial its
-        partner, whose streams then ride that connection. False if no address worked in time.
+        Also used for connection reversal: a node behind a NAT cannot be dialled, but it can dial
+        its partner, whose streams then ride that connection. False if nothing worked in time.
         """
         if self.is_connected(peer):
             return True
-        self._forget_failures(ID(peer))
+        direct, circuits = self.known_addrs(peer)
         with trio.move_on_after(timeout):
-            try:
-                await self._host.get_network().dial_peer(ID(peer))
-                return True
-            except (BaseLibp2pError, OSError) as exc:
-                logger.info("dial peer=%s failed: %s", ID(peer), type(exc).__name__)
+            if direct:
+                self._forget_failures(ID(peer))
+                try:
+                    await self._host.get_network().dial_peer(ID(peer))
+                    return True
+                except (BaseLibp2pError, OSError) as exc:
+                    logger.info("dial peer=%s failed: %s", ID(peer), type(exc).__name__)
+            if self.relay_client is not None:
+                for addr in circuits:
+                    if await self.dial_relayed(peer, addr):
+                        return True
         return self.is_connected(peer)
+
+    async def dial_relayed(self, peer: bytes, circuit: str, *, timeout: float = 15.0) -> bool:
+        """Connect to `peer` through the relay that `circuit` (`.../p2p/<relay>/p2p-circuit`) names."""
+        if self.relay_client is None:
+            return False
+        head = circuit.split("/p2p-circuit")[0]
+        try:
+            relay = await self.connect(head, timeout=timeout)
+            await self.relay_client.dial(relay, peer, timeout=timeout)
+        except (DialError, RelayError, BaseLibp2pError, OSError, trio.TooSlowError) as exc:
+            logger.info("relayed dial peer=%s via=%s failed: %s: %s", ID(peer), head, type(exc).__name__, exc)
+            return False
+        logger.info("relayed connection peer=%s via=%s", str(ID(peer))[-8:], head.rsplit("/", 1)[-1][-8:],
+                    extra={"event": "relayed_connection"})
+        return True
+
+    def known_addrs(self, peer: bytes) -> tuple[list[str], list[str]]:
+        """(direct, circuit) addresses the peerstore holds for `peer`."""
+        try:
+            addrs = [str(a) for a in self._host.get_peerstore().addrs(ID(peer))]
+        except Exception:  # PeerStoreError: nothing known
+            addrs = []
+        return [a for a in addrs if not is_circuit(a)], [a for a in addrs if is_circuit(a)]
+
+    def stream_kind(self, stream: FramedStream) -> str:
+        """"direct", "relayed" or "hole_punched": the connection `stream` rides on."""
+        return connection_kind(self._host, self.kinds, stream.raw)
+
+    def connection_kinds(self) -> dict[str, Any]:
+        """Open connections by kind now, and connections opened by kind since start."""
+        now: Counter[str] = Counter()
+        for conns in self._host.get_network().get_connections_map().values():
+            for conn in conns:
+                now[self.kinds.kind_of(conn)] += 1
+        return {"open": {k: now.get(k, 0) for k in ("direct", "relayed", "hole_punched")},
+                "opened": {k: self.kinds.opened.get(k, 0) for k in ("direct", "relayed", "hole_punched")}}
+
+    def observed_ip(self, stream: FramedStream) -> str | None:
+        """The remote IP address of the TCP connection under `stream` (what a NAT shows us)."""
+        try:
+            addr = stream.raw.get_remote_address()
+        except Exception:
+            return None
+        return addr[0] if addr else None
 
     def _forget_failures(self, peer: ID) -> None:
         """Drop py-libp2p's 60 s negative dial cache for `peer`: our callers run their own
@@ -245,11 +322,16 @@ class P2PHost:
         A wildcard listen address (0.0.0.0, the `init` default) is expanded to this machine's
         interface addresses: a record saying 0.0.0.0 would make every peer dial itself.
         """
+        circuits = [multiaddr.Multiaddr(a) for a in self.relay_client.circuit_addrs()] if self.relay_client else []
         addrs: list[multiaddr.Multiaddr] = []
-        for a in self._host.get_addrs():
-            bare = multiaddr.Multiaddr(str(a).split("/p2p/")[0])
-            wildcard = str(bare).startswith(("/ip4/0.0.0.0/", "/ip6/::/"))
-            addrs.extend(expand_wildcard_address(bare) if wildcard else [bare])
+        if not (circuits and self.reachability == "private"):
+            # a private node's own addresses are unreachable for others (and reveal its LAN):
+            # it is reached through its relays only, and DCUtR learns its NAT's address itself
+            for a in self._host.get_addrs():
+                bare = multiaddr.Multiaddr(str(a).split("/p2p/")[0])
+                wildcard = str(bare).startswith(("/ip4/0.0.0.0/", "/ip6/::/"))
+                addrs.extend(expand_wildcard_address(bare) if wildcard else [bare])
+        addrs.extend(circuits)
         record = PeerRecord(self._host.get_id(), addrs)
         return seal_record(record, self._host.get_private_key()).marshal_envelope()
 
@@ -342,10 +424,16 @@ async def open_host(
     *,
     gossip: GossipSettings | None = None,
     gate: MemberGate | None = None,
+    relay: RelayPolicy | None = None,
+    relay_client: bool = False,
+    hole_punch: bool = False,
 ) -> AsyncIterator[P2PHost]:
     """Run a libp2p host until the context exits, then close it (shielded) so no task leaks.
 
     With a `gate`, only peers it admits keep a connection (checked after the Noise handshake).
+    `relay`: offer circuit relay v2 to peers the gate admits, with these limits (the CPM).
+    `relay_client`: accept relayed connections, hold reservations, dial through relays (nodes).
+    `hole_punch`: run DCUtR, which upgrades relayed connections to direct ones where NATs allow.
     """
     try:
         listen_addrs = [multiaddr.Multiaddr(a) for a in listen]
@@ -358,9 +446,26 @@ async def open_host(
         muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
         listen_addrs=listen_addrs,
         # one connection per peer (the default cost ~250 ms per connect); no auto-dial storm to
-        # reach 50 connections: daemons dial exactly the peers they need (keep_connected).
-        connection_config=ConnectionConfig(max_connections_per_peer=1, min_connections=0, low_watermark=0),
+        # reach 50 connections: daemons dial exactly the peers they need (keep_connected). A
+        # relay client needs two: the relayed one and the direct one DCUtR punches beside it.
+        connection_config=ConnectionConfig(max_connections_per_peer=2 if relay_client else 1, min_connections=0,
+                                           low_watermark=0),
     )
+    kinds = ConnectionKinds()
+    host.get_network().register_notifee(kinds)
+    services: list[Any] = []
+    member_relay = None
+    if relay is not None:
+        is_member = gate.is_member if gate is not None else (lambda _peer: True)
+        member_relay = MemberRelay(host, relay, is_member)
+        services.append(member_relay)
+    client = RelayClient(host) if relay_client else None
+    if client is not None:
+        services.append(client)
+    if hole_punch:
+        from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
+
+        services.append(DCUtRProtocol(host))
     pubsub: Pubsub | None = None
     gossipsub: GossipSub | None = None
     if gossip is not None:
@@ -374,15 +479,21 @@ async def open_host(
             adaptive_gossip_enabled=False,
         )
         pubsub = Pubsub(host, gossipsub, strict_signing=True)
+
+    def wrap(ps: Pubsub | None) -> P2PHost:
+        return P2PHost(host, identity, ps, gate, relay=member_relay, relay_client=client, kinds=kinds)
+
     try:
-        async with host.run(listen_addrs=listen_addrs):
+        async with host.run(listen_addrs=listen_addrs), contextlib.AsyncExitStack() as stack:
+            for service in services:
+                await stack.enter_async_context(background_trio_service(service))
             if pubsub is None or gossipsub is None:
-                yield P2PHost(host, identity, None, gate)
+                yield wrap(None)
             else:
                 async with background_trio_service(pubsub), background_trio_service(gossipsub):
                     await pubsub.wait_until_ready()
                     try:
-                        yield P2PHost(host, identity, pubsub, gate)
+                        yield wrap(pubsub)
                     finally:
                         seen = getattr(pubsub, "seen_messages", None)
                         stop = getattr(seen, "stop", None)

@@ -33,6 +33,11 @@ class FramedStream:
         self._stream = stream
         self.remote_peer: bytes = stream.muxed_conn.peer_id.to_bytes()
 
+    @property
+    def raw(self) -> INetStream:
+        """The libp2p stream (for knexa_p2p's own use: which connection carries it)."""
+        return self._stream
+
     async def send(self, payload: bytes, *, max_size: int | None = None) -> None:
         """Write one frame. Cancellation may leave a partial frame (the reader sees truncation)."""
         frame = encode_frame(payload) if max_size is None else encode_frame(payload, max_size=max_size)

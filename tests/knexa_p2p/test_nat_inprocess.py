@@ -1,0 +1,111 @@
+"""Circuit relay v2 (members only), dial-back reachability and connection kinds, over real libp2p on
+loopback. The two-NAT topology with hole punching is tests/integration/test_netns_nat.py.
+
+A node marked private publishes only `/p2p-circuit` addresses through the CPM's peer directory;
+another member that knows only the CPM dials it through the CPM's relay, and the stream runs
+end to end over Noise inside the circuit (the relay counts the bytes it forwarded).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import trio
+
+from knexa_p2p.directory import PEERS_PROTOCOL, PeerDirectory, exchange_records
+from knexa_p2p.host import MemberGate, open_host
+from knexa_p2p.identity import Identity
+from knexa_p2p.nat import RelayPolicy, dial_back, is_circuit, new_dialer_key
+from knexa_p2p.reach import DIALBACK_PROTOCOL, DialBackService, check_reachability, keep_reservation
+
+
+def ident() -> Identity:
+    return Identity.from_seed(os.urandom(32))
+
+
+async def _echo(stream) -> None:
+    await stream.send(await stream.receive(max_size=1 << 20, timeout=10))
+
+
+async def test_private_member_is_reached_through_the_cpm_relay():
+    cpm_id, a_id, b_id = ident(), ident(), ident()
+    members = {p.peer_bytes for p in (a_id, b_id)}
+    is_member = members.__contains__
+    directory = PeerDirectory(is_member)
+    policy = RelayPolicy(reservation_ttl_s=60, circuit_duration_s=30, circuit_bytes=1 << 20)
+    async with open_host(cpm_id, gate=MemberGate(is_member), relay=policy) as cpm, \
+            open_host(a_id, gate=MemberGate(lambda p: p in members or p == cpm.peer_id), relay_client=True) as a, \
+            open_host(b_id, gate=MemberGate(lambda p: p in members or p == cpm.peer_id), relay_client=True) as b, \
+            trio.open_nursery() as nursery:
+        cpm.set_handler(PEERS_PROTOCOL, directory.handle)
+        b.set_handler("/t/echo", _echo)
+        cpm_addr = cpm.addrs()[0]
+        b.reachability = "private"
+        nursery.start_soon(keep_reservation, b, cpm_addr)
+        with trio.fail_after(10):
+            while not b.relay_client.circuit_addrs():
+                await trio.sleep(0.05)
+        await exchange_records(b, cpm.peer_id)  # b publishes its circuit address only
+        await a.connect(cpm_addr)
+        [record] = await exchange_records(a, cpm.peer_id)
+        assert record.peer == b.peer_id and record.addrs and all(is_circuit(x) for x in record.addrs)
+
+        assert await a.dial_peer(b.peer_id, timeout=15)
+        stream = await a.open_stream(b.peer_id, "/t/echo")
+        payload = os.urandom(200_000)
+        await stream.send(payload)
+        assert await stream.receive(max_size=1 << 20, timeout=10) == payload
+        assert a.stream_kind(stream) == "relayed"
+        await stream.close()
+        assert a.connection_kinds()["open"]["relayed"] == 1 and b.connection_kinds()["opened"]["relayed"] == 1
+        # the relay forwarded the whole payload, inside Noise: the plaintext never appears
+        summary = cpm.relay.summary()
+        assert summary["bytes_relayed"] > 2 * len(payload)
+        assert summary["reservations"] >= 1 and summary["circuits"] == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_relay_refuses_a_non_member():
+    cpm_id, member_id, outsider_id = ident(), ident(), ident()
+    members = {member_id.peer_bytes}
+    gate = MemberGate(members.__contains__)
+    async with open_host(cpm_id, gate=gate, relay=RelayPolicy()) as cpm, \
+            open_host(outsider_id, relay_client=True) as outsider:
+        relay = cpm.peer_id
+        # the outsider cannot hold a connection to the relay, so it cannot reserve or open a circuit
+        try:
+            await outsider.connect(cpm.addrs()[0], timeout=5)
+            with trio.fail_after(10):
+                await outsider.relay_client.reserve(cpm.addrs()[0], relay)
+            raise AssertionError("a non-member got a reservation")
+        except Exception as exc:  # DialError, stream reset or RelayError: refused in every case
+            assert "non-member got" not in str(exc)
+        assert gate.refused["not_member"] >= 1
+        assert cpm.relay.summary().get("reservations", 0) == 0
+
+
+async def test_dial_back_uses_a_fresh_connection_and_proves_the_peer_id():
+    cpm_id, node_id, other_id = ident(), ident(), ident()
+    members = {node_id.peer_bytes}
+    async with open_host(cpm_id, gate=MemberGate(members.__contains__)) as cpm, \
+            open_host(node_id, gate=MemberGate(lambda p: p == cpm.peer_id)) as node, \
+            open_host(other_id) as other:
+        service = DialBackService(cpm, members.__contains__, timeout=3)
+        cpm.set_handler(DIALBACK_PROTOCOL, service.handle)
+        await node.connect(cpm.addrs()[0])
+        assert await check_reachability(node, cpm.peer_id) == "public"
+        # the node refused the announced throwaway dialer after Noise without counting an intrusion
+        assert node.gate.refused["not_member"] == 0 and not node.gate.dialback
+        assert service.counts["public"] == 1
+        port = int(node.addrs()[0].split("/tcp/")[1].split("/")[0])
+        key = new_dialer_key()
+        assert await dial_back("127.0.0.1", port, node.peer_id, key, timeout=3)
+        # a closed port is not reachable, although the node is connected to the CPM
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            closed = s.getsockname()[1]
+        assert not await dial_back("127.0.0.1", closed, node.peer_id, key, timeout=3)
+        # another peer listening there is not the node either
+        other_port = int(other.addrs()[0].split("/tcp/")[1].split("/")[0])
+        assert not await dial_back("127.0.0.1", other_port, node.peer_id, key, timeout=3)
