@@ -20,6 +20,8 @@ import trio
 from knexa_p2p.directory import PEERS_PROTOCOL, PeerDirectory
 from knexa_p2p.host import GossipSettings, MemberGate, P2PHost, open_host
 from knexa_p2p.identity import load_or_create_identity
+from knexa_p2p.nat import RelayPolicy
+from knexa_p2p.reach import DIALBACK_PROTOCOL, DialBackService
 from knexa_p2p.streams import FramedStream, StreamBroken
 from knexa_runtime.atomic import atomic_write_json
 from knexa_runtime.config import to_toml_dict
@@ -105,6 +107,7 @@ class CpmService:
         self.topic = directive_topic(cfg.federation)
         self._lock = trio.Lock()
         self._host: P2PHost | None = None
+        self.dialback: DialBackService | None = None
         #: members' signed peer records, served to members (discovery with only the CPM's address)
         self.directory = PeerDirectory(self.is_member, on_rejected=lambda reason: self._reject(reason, "peer_record"))
         self.public_sets = PublicSetStore(self.state_dir)
@@ -175,6 +178,9 @@ class CpmService:
             "uptime_s": round(time.time() - self.started, 1), "metrics_port": self.metrics_port,
             "health": "ok" if host is not None else "starting",
             "public_set": self.public_set.label if self.public_set else None,
+            "connections": host.connection_kinds() if host else None,
+            "relay": host.relay.summary() if host and host.relay else None,
+            "dialback": dict(self.dialback.counts) if self.dialback else None,
         }
 
     # ---- persistence ------------------------------------------------------------------
@@ -318,6 +324,7 @@ class CpmService:
         while True:
             await host.enforce_membership()  # a SIGHUP that removed a member disconnects it here
             self.metrics.peers.set(len(host.connected_peers()))
+            self.metrics.observe_connections(host.connection_kinds(), host.relay.summary() if host.relay else None)
             await trio.sleep(2.0)
 
     async def drain(self, host: P2PHost) -> None:
@@ -335,8 +342,13 @@ async def serve(cfg: CpmSection, *, service: CpmService | None = None,
     if cfg.metrics_listen:
         svc.metrics_port = svc.metrics.serve(*parse_hostport(cfg.metrics_listen))
     try:
-        async with open_host(svc.identity, cfg.listen, gossip=gossip, gate=svc.gate()) as host:
+        relay = RelayPolicy(reservation_ttl_s=cfg.relay_reservation_ttl_s,
+                            circuit_duration_s=cfg.relay_circuit_duration_s, circuit_bytes=cfg.relay_circuit_bytes,
+                            max_reservations=cfg.relay_max_reservations) if cfg.relay else None
+        async with open_host(svc.identity, cfg.listen, gossip=gossip, gate=svc.gate(), relay=relay) as host:
             svc._host = host
+            svc.dialback = DialBackService(host, svc.is_member)
+            host.set_handler(DIALBACK_PROTOCOL, svc.dialback.handle)
             host.set_topic_validator(svc.topic, svc.valid_directive_message)
             host.set_handler(CPM_PROTOCOL, svc.handle_stream)
             host.set_handler(PEERS_PROTOCOL, svc.directory.handle)

@@ -55,6 +55,15 @@ class NodeSection:
     metrics_listen: str = ""
     #: seconds SIGTERM waits for a running ML step before abandoning it (state is per round)
     stop_grace_s: float = 10.0
+    #: NAT traversal (docs/operations.md): ask the CPM for a dial-back; when it fails, hold a relay
+    #: reservation (at the CPM and at `relays`) and publish /p2p-circuit addresses; accept and dial
+    #: relayed connections; `hole_punch` upgrades relayed connections with DCUtR
+    nat_traversal: bool = True
+    hole_punch: bool = True
+    #: extra relays (full multiaddrs, e.g. a member running with relay_service = true)
+    relays: tuple[str, ...] = ()
+    #: offer circuit relay v2 to members from this node (it must be publicly reachable)
+    relay_service: bool = False
 
     def __post_init__(self) -> None:
         from knexa_runtime.daemon import check_common

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -26,6 +27,8 @@ import trio
 from knexa_p2p.directory import DirectoryError, exchange_records
 from knexa_p2p.host import DialError, GossipSettings, MemberGate, P2PHost, open_host
 from knexa_p2p.identity import Identity
+from knexa_p2p.nat import RelayPolicy
+from knexa_p2p.reach import ReachabilityError, check_reachability, keep_reservation
 from knexa_p2p.streams import FramedStream, StreamBroken
 from knexa_runtime.atomic import atomic_write_json
 from knexa_runtime.control import CONTROL_SOCKET, serve_control
@@ -154,6 +157,8 @@ class NodeService:
         self.discovered: dict[bytes, tuple[str, ...]] = {}
         self._directive_events: dict[int, trio.Event] = {}
         self._inbox: dict[bytes, tuple[PackageBody, int]] = {}
+        #: the kind of connection (direct, relayed, hole_punched) each received package came over
+        self._inbox_path: dict[bytes, str] = {}
         self._inbox_events: dict[bytes, trio.Event] = {}
         self._inbox_round: dict[bytes, int] = {}
         self._waiting: set[bytes] = set()
@@ -301,6 +306,24 @@ class NodeService:
             await self.refresh_directory(host)
             await trio.sleep(DISCOVERY_INTERVAL_S)
 
+    async def find_reachability(self, host: P2PHost, nursery: trio.Nursery) -> None:
+        """Ask the CPM for a dial-back from a fresh connection. Unless that proves us public, hold
+        a reservation at the CPM's relay (and at `relays`) and publish our circuit addresses."""
+        try:
+            await check_reachability(host, self.cpm_peer, timeout=self.cfg.stream_timeout_s)
+        except (ReachabilityError, StreamBroken, DialError) as exc:
+            logger.warning("reachability unknown (dial-back failed: %s); holding a relay reservation anyway", exc)
+        if host.reachability == "public":
+            return
+        for relay in dict.fromkeys((self.cfg.cpm, *self.cfg.relays)):
+            nursery.start_soon(functools.partial(
+                keep_reservation, host, relay,
+                on_change=lambda: nursery.start_soon(self.refresh_directory, host)))
+        with trio.move_on_after(self.cfg.stream_timeout_s):  # the first round needs our circuit address
+            while host.relay_client is not None and not host.relay_client.circuit_addrs():
+                await trio.sleep(0.1)
+        await self.refresh_directory(host)
+
     def status(self) -> dict[str, Any]:
         host = self.host
         cpm_ok = bool(host and host.is_connected(self.cpm_peer))
@@ -316,6 +339,10 @@ class NodeService:
             "uptime_s": round(time.time() - self.started, 1), "metrics_port": self.metrics_port,
             "last_rounds": list(self.last_rounds), "privacy": self.privacy.summary(),
             "round_phase_seconds": {k: round(v, 1) for k, v in self.round_phases.items()},
+            "reachability": host.reachability if host else "unknown",
+            "relay_addrs": host.relay_client.circuit_addrs() if host and host.relay_client else [],
+            "connections": host.connection_kinds() if host else None,
+            "relay": host.relay.summary() if host and host.relay else None,
         }
 
     # ---- membership -------------------------------------------------------------------
@@ -445,11 +472,14 @@ class NodeService:
             await stream.send(encode(Reply(False, code, str(exc)[:200], self.round)))
             return
         self.metrics.bytes_received.inc(len(raw))
+        path = self.host.stream_kind(stream) if self.host else "direct"
+        self.metrics.packages_by_path.labels("received", path).inc()
+        self._inbox_path[sealed.directive_id] = path
         self._inbox[sealed.directive_id] = (body, len(raw))
         self._inbox_round[sealed.directive_id] = sealed.round
         self._inbox_events.setdefault(sealed.directive_id, trio.Event()).set()
-        logger.info("package received from=%s round=%d items=%d bytes=%d", short(peer), sealed.round,
-                    len(body.items), len(raw))
+        logger.info("package received from=%s round=%d items=%d bytes=%d path=%s", short(peer), sealed.round,
+                    len(body.items), len(raw), path)
         await stream.send(encode(Reply(True, ReplyCode.OK, "", self.round)))
 
     # ---- KD stream: teacher side ----------------------------------------------------------
@@ -457,6 +487,7 @@ class NodeService:
                            directive_id: bytes, answers: list[Answer], blocked: int) -> dict[str, Any]:
         body = PackageBody(items=tuple(PackageItem(a.task_id, a.text) for a in answers), blocked=blocked)
         stream = await host.open_stream(student, KD_PROTOCOL, timeout=self.cfg.stream_timeout_s)
+        path = host.stream_kind(stream)
         try:
             raw = await stream.receive(max_size=FRAME_CAPS["hello"], timeout=self.cfg.stream_timeout_s)
             hello = open_signed(decode(raw, Signed, max_size=FRAME_CAPS["hello"]), Hello,
@@ -471,7 +502,8 @@ class NodeService:
             ack = decode(await stream.receive(max_size=FRAME_CAPS["reply"], timeout=self.cfg.stream_timeout_s), Reply)
         finally:
             await stream.close()
-        return {"package_bytes": len(payload), "ack": ack.code, "items": len(body.items)}
+        self.metrics.packages_by_path.labels("sent", path).inc()
+        return {"package_bytes": len(payload), "ack": ack.code, "items": len(body.items), "path": path}
 
     # ---- connectivity -------------------------------------------------------------------
     async def keep_connected(self, host: P2PHost) -> None:
@@ -498,6 +530,10 @@ class NodeService:
                 next_try[a] = trio.current_time() + backoff[a]
             await host.enforce_membership()  # a SIGHUP that removed a member disconnects it here
             self.metrics.peers.set(len(host.connected_peers()))
+            self.metrics.observe_connections(
+                host.connection_kinds(), host.relay.summary() if host.relay else None,
+                reservations=len(host.relay_client.circuit_addrs()) if host.relay_client else 0,
+                reachability=host.reachability)
             await trio.sleep(0.5)
 
     async def wait_for_cpm(self, host: P2PHost) -> None:
@@ -688,7 +724,9 @@ class NodeService:
             # and its KD stream then rides our connection (tests/integration/test_netns_nat.py)
             if teacher not in self.discovered:
                 await self.refresh_directory(host)
-            await host.dial_peer(teacher, timeout=self.cfg.stream_timeout_s)
+            # direct only: a teacher reached through a relay dials us there itself (one circuit,
+            # not two crossing ones)
+            await host.dial_peer(teacher, timeout=self.cfg.stream_timeout_s, relay=False)
         self._waiting.add(did)
         try:
             with self._phase("learn_wait_package"), trio.move_on_after(self.cfg.package_timeout_s):
@@ -700,6 +738,7 @@ class NodeService:
             out["error"] = "package timeout"
             return out
         body, nbytes = self._inbox.pop(did)
+        out["path"] = self._inbox_path.pop(did, None)
         self._inbox_round.pop(did, None)
         self._inbox_events.pop(did, None)
         answers = [Answer(i.task_id, i.text) for i in body.items]
@@ -743,6 +782,7 @@ class NodeService:
         self._cpm_members = {p for d in self._directives.values() for p in d.participants}
         for did in [d for d, r in self._inbox_round.items() if r < horizon]:
             self._inbox.pop(did, None)
+            self._inbox_path.pop(did, None)
             self._inbox_events.pop(did, None)
             del self._inbox_round[did]
         # events created by a student that waited in vain (no package ever arrived)
@@ -757,7 +797,10 @@ class NodeService:
             self.metrics_port = self.metrics.serve(*parse_hostport(self.cfg.metrics_listen))
         gossip = GossipSettings.for_size(len(self.roster) + 1 if self.roster else 5)
         try:
-            async with open_host(self.identity, self.cfg.listen, gossip=gossip, gate=self.gate()) as host, \
+            nat = self.cfg.nat_traversal
+            async with open_host(self.identity, self.cfg.listen, gossip=gossip, gate=self.gate(),
+                                 relay=RelayPolicy() if self.cfg.relay_service else None, relay_client=nat,
+                                 hole_punch=nat and self.cfg.hole_punch) as host, \
                     trio.open_nursery() as nursery:
                 self.host = host
                 host.set_topic_validator(directive_topic(self.cfg.federation), self.valid_directive_message)
@@ -767,6 +810,9 @@ class NodeService:
                 nursery.start_soon(self.keep_connected, host)
                 with self._phase("connect_cpm"):
                     await self.wait_for_cpm(host)
+                if nat:
+                    with self._phase("reachability"):
+                        await self.find_reachability(host, nursery)
                 with self._phase("public_set"):
                     await self._sync_public_set(host)
                 nursery.start_soon(self.listen_directives, host)

@@ -181,7 +181,8 @@ class P2PHost:
 
     def __init__(self, host: IHost, identity: Identity, pubsub: Pubsub | None,
                  gate: MemberGate | None = None, *, relay: MemberRelay | None = None,
-                 relay_client: RelayClient | None = None, kinds: ConnectionKinds | None = None) -> None:
+                 relay_client: RelayClient | None = None, kinds: ConnectionKinds | None = None,
+                 dcutr: Any = None) -> None:
         self._host = host
         self.identity = identity
         self._pubsub = pubsub
@@ -191,6 +192,10 @@ class P2PHost:
         #: reservations and relayed dials (nodes), if enabled
         self.relay_client = relay_client
         self.kinds = kinds or ConnectionKinds()
+        #: py-libp2p's DCUtR service (hole punching), if enabled
+        self.dcutr = dcutr
+        #: seconds a relayed dial waits for DCUtR to punch a direct connection beside it
+        self.hole_punch_wait_s = 10.0
         #: "public", "private" (a dial-back from a fresh connection failed) or "unknown"
         self.reachability = "unknown"
 
@@ -240,12 +245,13 @@ class P2PHost:
             raise DialError(f"cannot reach {maddr}: timed out after {timeout:.0f}s")
         return info.peer_id.to_bytes()
 
-    async def dial_peer(self, peer: bytes, *, timeout: float = 10.0) -> bool:
+    async def dial_peer(self, peer: bytes, *, timeout: float = 10.0, relay: bool = True) -> bool:
         """Connect to `peer` at the addresses the peerstore holds (e.g. from its signed record):
         its direct addresses first, then through the relays its `/p2p-circuit` addresses name.
 
         Also used for connection reversal: a node behind a NAT cannot be dialled, but it can dial
         its partner, whose streams then ride that connection. False if nothing worked in time.
+        `relay=False`: direct addresses only.
         """
         if self.is_connected(peer):
             return True
@@ -258,7 +264,7 @@ class P2PHost:
                     return True
                 except (BaseLibp2pError, OSError) as exc:
                     logger.info("dial peer=%s failed: %s", ID(peer), type(exc).__name__)
-            if self.relay_client is not None:
+            if self.relay_client is not None and relay:
                 for addr in circuits:
                     if await self.dial_relayed(peer, addr):
                         return True
@@ -277,6 +283,18 @@ class P2PHost:
             return False
         logger.info("relayed connection peer=%s via=%s", str(ID(peer))[-8:], head.rsplit("/", 1)[-1][-8:],
                     extra={"event": "relayed_connection"})
+        if self.dcutr is not None:
+            # upgrade before the caller opens its stream: a stream opened on the relayed
+            # connection stays there; new streams prefer a direct connection once it exists
+            t0 = trio.current_time()
+            punched = False
+            with trio.move_on_after(self.hole_punch_wait_s):
+                try:
+                    punched = bool(await self.dcutr.initiate_hole_punch(ID(peer)))
+                except (BaseLibp2pError, OSError) as exc:
+                    logger.info("hole punch peer=%s failed: %s", ID(peer), exc)
+            logger.info("hole punch peer=%s direct=%s seconds=%.2f", str(ID(peer))[-8:], punched,
+                        trio.current_time() - t0, extra={"event": "hole_punch", "direct": punched})
         return True
 
     def known_addrs(self, peer: bytes) -> tuple[list[str], list[str]]:
@@ -462,10 +480,12 @@ async def open_host(
     client = RelayClient(host) if relay_client else None
     if client is not None:
         services.append(client)
+    dcutr = None
     if hole_punch:
         from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
 
-        services.append(DCUtRProtocol(host))
+        dcutr = DCUtRProtocol(host)
+        services.append(dcutr)
     pubsub: Pubsub | None = None
     gossipsub: GossipSub | None = None
     if gossip is not None:
@@ -481,7 +501,7 @@ async def open_host(
         pubsub = Pubsub(host, gossipsub, strict_signing=True)
 
     def wrap(ps: Pubsub | None) -> P2PHost:
-        return P2PHost(host, identity, ps, gate, relay=member_relay, relay_client=client, kinds=kinds)
+        return P2PHost(host, identity, ps, gate, relay=member_relay, relay_client=client, kinds=kinds, dcutr=dcutr)
 
     try:
         async with host.run(listen_addrs=listen_addrs), contextlib.AsyncExitStack() as stack:

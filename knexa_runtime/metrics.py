@@ -66,6 +66,20 @@ class DaemonMetrics:
         self.privacy_exhausted = Gauge("knexa_privacy_budget_exhausted",
                                        "1 once the budget is spent and the profile's dynamic features are frozen",
                                        registry=r)
+        self.connections = Gauge("knexa_connections", "libp2p connections open now, by kind "
+                                 "(direct, relayed, hole_punched)", ["kind"], registry=r)
+        self.connections_opened = Counter("knexa_connections_opened_total", "libp2p connections opened, by kind",
+                                          ["kind"], registry=r)
+        self.packages_by_path = Counter("knexa_packages_by_path_total", "Knowledge packages sent or received, "
+                                        "by the kind of connection that carried them", ["direction", "kind"],
+                                        registry=r)
+        self.relay_bytes = Counter("knexa_relay_bytes_total", "Bytes this daemon's relay forwarded between "
+                                   "members (Noise ciphertext; CPM or relay_service node)", registry=r)
+        self.relay_reservations = Gauge("knexa_relay_reservations", "Relay reservations: held by others at this "
+                                        "daemon (relay) or held by this node at relays", registry=r)
+        self.reachable = Gauge("knexa_reachable", "1 public, 0 private (dial-back from a fresh connection failed), "
+                               "-1 unknown (node)", registry=r)
+        self._seen: dict[str, float] = {}
         self.up = Gauge("knexa_up", "1 while the daemon runs", ["daemon"], registry=r)
         self.up.labels(role).set(1)
         self._server: Any = None
@@ -81,6 +95,28 @@ class DaemonMetrics:
         self.privacy_releases.labels("fresh").set(int(summary.get("releases", 0)))
         self.privacy_releases.labels("frozen").set(int(summary.get("frozen_releases", 0)))
         self.privacy_exhausted.set(1 if summary.get("exhausted") else 0)
+
+    def observe_connections(self, kinds: dict[str, Any], relay: dict[str, Any] | None = None,
+                            reservations: int | None = None, reachability: str | None = None) -> None:
+        """Export `P2PHost.connection_kinds()` and, for a relay, its summary (counters advance by
+        the difference to the last call: the host keeps the totals)."""
+        for kind, n in kinds.get("open", {}).items():
+            self.connections.labels(kind).set(n)
+        for kind, n in kinds.get("opened", {}).items():
+            self._advance(self.connections_opened.labels(kind), f"opened_{kind}", n)
+        if relay is not None:
+            self._advance(self.relay_bytes, "relay_bytes", relay.get("bytes_relayed", 0))
+            self.relay_reservations.set(relay.get("active_reservations", 0))
+        elif reservations is not None:
+            self.relay_reservations.set(reservations)
+        if reachability is not None:
+            self.reachable.set({"public": 1, "private": 0}.get(reachability, -1))
+
+    def _advance(self, counter: Any, key: str, total: float) -> None:
+        delta = total - self._seen.get(key, 0)
+        if delta > 0:
+            counter.inc(delta)
+            self._seen[key] = total
 
     def serve(self, address: str, port: int) -> int:
         """Start the /metrics HTTP endpoint in a background thread; returns the bound port."""

@@ -14,14 +14,24 @@ opened itself: to the CPM, then to the teacher it discovered from the CPM's sign
 (connection reversal). The heuristic policy with a better teacher makes the NATed node the student
 in every round, the direction a NAT breaks.
 
-Not covered here (see docs/operations.md): two members both behind NATs, which need a relay or
-hole punching.
+Two members each behind its own NAT (`test_two_nats_*`): the CPM and a public node on the public
+segment, members `a` and `b` each behind a NAT of its own, both knowing only the CPM's address.
+Each learns from the CPM's dial-back that it is private, holds a reservation at the CPM's relay
+and publishes only its `/p2p-circuit` address. The teacher `a` dials the student `b` through the
+relay; DCUtR then punches a direct connection where the NAT maps endpoint-independently (Linux
+masquerade keeps the source port), and the package goes over it; with `masquerade fully-random`
+the punch fails and the package goes over the relay. An outsider is refused by the relay.
+
+    [pub]  CPM (relay) 198.51.100.2:4001, public node 198.51.100.2:4003
+    [nat1] wan0 198.51.100.3 / lan0 192.168.77.1 --- [a] 192.168.77.2:4002
+    [nat2] wan0 198.51.100.5 / lan0 192.168.78.1 --- [b] 192.168.78.2:4002
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -36,9 +46,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PUB_IP, NAT_WAN_IP, NAT_LAN_IP, LAN_IP = "198.51.100.2", "198.51.100.3", "192.168.77.1", "192.168.77.2"
 ROUNDS = 3
+NAT_KINDS = {"eim": "masquerade", "random": "masquerade random,fully-random"}
 NFT_RULES = """
 table ip knexa_nat {
-    chain postrouting { type nat hook postrouting priority 100; oifname "wan0" masquerade; }
+    chain postrouting { type nat hook postrouting priority 100; oifname "wan0" MASQUERADE; }
     chain input { type filter hook input priority 0; policy accept; iifname "wan0" ct state new drop; }
     chain forward {
         type filter hook forward priority 0; policy drop;
@@ -47,6 +58,11 @@ table ip knexa_nat {
     }
 }
 """
+
+
+def _nft(nss: Namespaces, role: str, masquerade: str) -> None:
+    subprocess.run(["ip", "netns", "exec", nss.ns(role), "nft", "-f", "-"], input=NFT_RULES.replace("MASQUERADE", masquerade),
+                   text=True, check=True, capture_output=True, timeout=30)
 
 
 def _sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -117,8 +133,7 @@ def topology():
         _sh("ip", "-n", lan, "link", "set", "eth0", "up")
         _sh("ip", "-n", lan, "route", "add", "default", "via", NAT_LAN_IP)
         nss.run("nat", "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
-        subprocess.run(["ip", "netns", "exec", nat, "nft", "-f", "-"], input=NFT_RULES, text=True, check=True,
-                       capture_output=True, timeout=30)
+        _nft(nss, "nat", NAT_KINDS["eim"])
         yield nss
     finally:
         nss.close()
@@ -201,6 +216,127 @@ def test_member_behind_nat_completes_every_round_as_student(topology: Namespaces
     assert all(e["role"] == "teacher" and "error" not in e for e in logs["teacher"])
 
 
+# ---- two members, each behind its own NAT ------------------------------------------------------
+PUB_NODE_PORT = 4003
+NATS = {"a": ("nat1", "198.51.100.3", "192.168.77.1", "192.168.77.2"),
+        "b": ("nat2", "198.51.100.5", "192.168.78.1", "192.168.78.2")}
+
+
+@pytest.fixture(params=sorted(NAT_KINDS))
+def two_nats(request):
+    _require_netns()
+    nss = Namespaces(f"k14t{os.getpid() % 100000}")
+    try:
+        inet, pub = nss.add("inet"), nss.add("pub")
+        _sh("ip", "-n", inet, "link", "add", "br0", "type", "bridge")
+        _sh("ip", "-n", inet, "link", "set", "br0", "up")
+        wans = [(pub, "eth0", "pubp", PUB_IP)]
+        for host, (nat, wan_ip, _lan_gw, _lan_ip) in NATS.items():
+            nss.add(nat)
+            nss.add(host)
+            wans.append((nss.ns(nat), "wan0", f"{nat}p", wan_ip))
+        for ns, dev, peer, ip in wans:
+            _sh("ip", "-n", ns, "link", "add", dev, "type", "veth", "peer", "name", peer, "netns", inet)
+            _sh("ip", "-n", inet, "link", "set", peer, "master", "br0", "up")
+            _sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
+            _sh("ip", "-n", ns, "link", "set", dev, "up")
+        for host, (nat, _wan_ip, lan_gw, lan_ip) in NATS.items():
+            _sh("ip", "-n", nss.ns(nat), "link", "add", "lan0", "type", "veth", "peer", "name", "eth0", "netns",
+                nss.ns(host))
+            _sh("ip", "-n", nss.ns(nat), "addr", "add", f"{lan_gw}/24", "dev", "lan0")
+            _sh("ip", "-n", nss.ns(nat), "link", "set", "lan0", "up")
+            _sh("ip", "-n", nss.ns(host), "addr", "add", f"{lan_ip}/24", "dev", "eth0")
+            _sh("ip", "-n", nss.ns(host), "link", "set", "eth0", "up")
+            _sh("ip", "-n", nss.ns(host), "route", "add", "default", "via", lan_gw)
+            nss.run(nat, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+            _nft(nss, nat, NAT_KINDS[request.param])
+        yield nss, request.param
+    finally:
+        nss.close()
+
+
+def _wait_file(path: Path, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> str:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert time.time() < deadline and proc.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.2)
+    return path.read_text()
+
+
+@pytest.mark.slow
+def test_two_nats_round_goes_hole_punched_or_relayed(two_nats: tuple[Namespaces, str], tmp_path: Path):
+    nss, kind = two_nats
+    # the topology is what it claims: out through each NAT works, nothing gets in, not even NAT to NAT
+    assert _can_connect(nss, "a", "pub", PUB_IP, 5001)
+    assert not _can_connect(nss, "pub", "a", NATS["a"][3], 5002)
+    assert not _can_connect(nss, "b", "nat1", NATS["a"][1], 5003)
+    assert not _can_connect(nss, "a", "nat2", NATS["b"][1], 5004)
+
+    seeds = {"pubnode": bytes([5]) * 32, "a": bytes([6]) * 32, "b": bytes([8]) * 32}
+    outsider_seed = bytes([3]) * 32
+    sys.path.insert(0, str(ROOT))
+    from knexa_p2p.identity import Identity
+
+    ids = {k: str(Identity.from_seed(v).peer_id) for k, v in seeds.items()}
+    cpm_spec = {"role": "cpm", "dir": str(tmp_path / "cpm"), "listen": f"/ip4/{PUB_IP}/tcp/4001",
+                "roster": list(ids.values()), "rounds": ROUNDS, "addr_file": str(tmp_path / "cpm.addr"),
+                "status_file": str(tmp_path / "cpm.status.json")}
+    procs = [_spawn(nss, "pub", cpm_spec, tmp_path / "cpm.log")]
+    try:
+        cpm_addr = _wait_file(tmp_path / "cpm.addr", procs[0], tmp_path / "cpm.log")
+        # heuristic pairing: the most different data histograms pair first (a and b are disjoint,
+        # the public node is uniform, so it sits out); the higher Pass@1 teaches: a teaches b
+        nodes = {"pubnode": ("pub", f"/ip4/{PUB_IP}/tcp/{PUB_NODE_PORT}", 0.25, [1.0] * 12),
+                 "a": ("a", f"/ip4/{NATS['a'][3]}/tcp/4002", 0.5, [1.0] + [0.0] * 11),
+                 "b": ("b", f"/ip4/{NATS['b'][3]}/tcp/4002", 0.0, [0.0] * 11 + [1.0])}
+        for name, (ns, listen, pass1, hist) in nodes.items():
+            spec = {"role": "node", "dir": str(tmp_path / name), "seed": seeds[name].hex(), "cpm": cpm_addr,
+                    "listen": listen, "rounds": ROUNDS, "pass_at_1": pass1, "hist": hist,
+                    "status_file": str(tmp_path / f"{name}.status.json")}
+            procs.append(_spawn(nss, ns, spec, tmp_path / f"{name}.log"))
+        # an outsider behind NAT 2 tries the relay: refused
+        out_spec = {"role": "outsider", "seed": outsider_seed.hex(), "cpm": cpm_addr,
+                    "result_file": str(tmp_path / "outsider.json")}
+        outsider = _spawn(nss, "b", out_spec, tmp_path / "outsider.log")
+        assert outsider.wait(timeout=60) == 0, (tmp_path / "outsider.log").read_text()[-3000:]
+        for p, name in zip(procs[1:], nodes, strict=True):
+            try:
+                assert p.wait(timeout=300) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+            except subprocess.TimeoutExpired as exc:
+                raise AssertionError(f"{name} did not finish: " + (tmp_path / f"{name}.log").read_text()[-3000:]) \
+                    from exc
+        time.sleep(1.5)  # one more CPM status snapshot
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+    logs = {n: [json.loads(x) for x in (tmp_path / n / "rounds.jsonl").read_text().splitlines()] for n in nodes}
+    status = {n: json.loads((tmp_path / f"{n}.status.json").read_text()) for n in (*nodes, "cpm")}
+    for n in nodes:
+        assert [e["round"] for e in logs[n]] == list(range(ROUNDS)), logs[n]
+    assert status["a"]["reachability"] == status["b"]["reachability"] == "private"
+    assert status["pubnode"]["reachability"] == "public"
+    assert all(x.endswith("/p2p-circuit") for x in status["b"]["relay_addrs"]) and status["b"]["relay_addrs"]
+    expected = "hole_punched" if kind == "eim" else "relayed"
+    for e in logs["a"]:
+        assert e["role"] == "teacher" and "error" not in e and e["path"] == expected, e
+    for e in logs["b"]:
+        assert e["role"] == "student" and e.get("reward_ack") == "ok" and e["path"] == expected, e
+    assert all(e["role"] == "idle" for e in logs["pubnode"])
+    relay = status["cpm"]["relay"]
+    assert relay["circuits"] >= 1 and relay["reservations"] >= 2
+    assert status["a"]["connections"]["opened"]["relayed"] >= 1
+    if kind == "eim":
+        assert status["a"]["connections"]["opened"]["hole_punched"] >= 1
+    else:
+        assert status["a"]["connections"]["opened"]["hole_punched"] == 0
+        assert relay["bytes_relayed"] > sum(e["package_bytes"] for e in logs["a"])
+    refused = json.loads((tmp_path / "outsider.json").read_text())
+    assert refused["reserved"] is False and refused["error"], refused
+    assert status["cpm"]["rejected"].get("not_member", 0) >= 1
+
+
 # ---- worker: one daemon inside a namespace ----------------------------------------------------
 def _worker(spec: dict[str, Any]) -> None:
     sys.path.insert(0, str(ROOT))
@@ -209,6 +345,9 @@ def _worker(spec: dict[str, Any]) -> None:
     from knexa_runtime.logs import setup_logging
 
     setup_logging("INFO")
+    if spec["role"] == "outsider":
+        _outsider(spec)
+        return
     if spec["role"] == "cpm":
         from knexa_cpm.config import CpmSection
         from knexa_cpm.service import serve
@@ -216,10 +355,16 @@ def _worker(spec: dict[str, Any]) -> None:
         cfg = CpmSection(federation="nat", state_dir=Path(spec["dir"]), roster=tuple(spec["roster"]),
                          listen=(spec["listen"],), policy="heuristic", round_timeout_s=120.0)
 
+        from knexa_cpm.service import CpmService
+
+        svc = CpmService(cfg)
+
         async def main() -> None:
             async with trio.open_nursery() as nursery:
-                addrs = await nursery.start(serve, cfg)
+                addrs = await nursery.start(functools.partial(serve, cfg, service=svc))
                 Path(spec["addr_file"]).write_text(addrs[0])
+                if spec.get("status_file"):
+                    nursery.start_soon(_dump_status, svc.status, spec["status_file"])
 
         trio.run(main)
         return
@@ -233,13 +378,64 @@ def _worker(spec: dict[str, Any]) -> None:
         def evaluate(self, round_idx: int) -> Any:  # the heuristic policy's teacher: higher Pass@1
             return dataclasses.replace(super().evaluate(round_idx), pass_at_1=spec["pass_at_1"])
 
+        def category_histogram(self) -> Any:  # the heuristic pairs the most different histograms
+            import numpy as np
+
+            return np.array(spec["hist"]) if "hist" in spec else super().category_histogram()
+
     d = Path(spec["dir"])
     cfg = NodeSection(federation="nat", state_dir=d, cpm=spec["cpm"], listen=(spec["listen"],), rounds=spec["rounds"],
                       directive_timeout_s=90, directive_poll_s=2.0, package_timeout_s=60, stream_timeout_s=10,
                       cpm_connect_timeout_s=60, final_eval=False, profile_epsilon=0.0)
     node = NodeService(cfg, Backend(d.name, seed=len(spec["seed"])), Identity.from_seed(bytes.fromhex(spec["seed"])),
                        load_or_create_kem_key(d / "kem.key"))
-    trio.run(node.run)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            if spec.get("status_file"):
+                nursery.start_soon(_dump_status, node.status, spec["status_file"])
+            await node.run()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+async def _dump_status(status: Any, path: str) -> None:
+    """Snapshot a daemon's status every half second (the last one survives its exit)."""
+    import trio
+
+    from knexa_runtime.atomic import atomic_write_json
+
+    while True:
+        snap = status()
+        if snap.get("connections") is not None or snap.get("daemon") == "knexa-cpm":
+            atomic_write_json(Path(path), snap)
+        await trio.sleep(0.5)
+
+
+def _outsider(spec: dict[str, Any]) -> None:
+    """A peer that is not on the roster tries to reserve a slot at the CPM's relay."""
+    import trio
+
+    from knexa_p2p.host import open_host
+    from knexa_p2p.identity import Identity
+    from knexa_runtime.atomic import atomic_write_json
+
+    result: dict[str, Any] = {"reserved": False, "error": ""}
+
+    async def main() -> None:
+        async with open_host(Identity.from_seed(bytes.fromhex(spec["seed"])), ("/ip4/0.0.0.0/tcp/0",),
+                             relay_client=True) as host:
+            try:
+                relay = await host.connect(spec["cpm"], timeout=10)
+                with trio.fail_after(10):
+                    await host.relay_client.reserve(spec["cpm"], relay)
+                result["reserved"] = True
+            except Exception as exc:  # refused at the gate (connection closed) or by the relay
+                result["error"] = f"{type(exc).__name__}: {exc}"[:300] or type(exc).__name__
+
+    trio.run(main)
+    atomic_write_json(Path(spec["result_file"]), result)
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "worker":
