@@ -29,7 +29,7 @@ from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.network.config import ConnectionConfig
-from libp2p.peer.envelope import seal_record, unmarshal_envelope
+from libp2p.peer.envelope import consume_envelope, seal_record
 from libp2p.peer.id import ID
 from libp2p.peer.peer_record import PeerRecord
 from libp2p.peer.peerinfo import info_from_p2p_addr
@@ -195,9 +195,12 @@ class P2PHost:
         #: py-libp2p's DCUtR service (hole punching), if enabled
         self.dcutr = dcutr
         #: seconds a relayed dial waits for DCUtR to punch a direct connection beside it
-        self.hole_punch_wait_s = 10.0
+        self.hole_punch_wait_s = 6.0
         #: "public", "private" (a dial-back from a fresh connection failed) or "unknown"
         self.reachability = "unknown"
+        #: members' signed records we learned: peer -> (seq, circuit addresses)
+        self._records: dict[bytes, tuple[int, tuple[str, ...]]] = {}
+        self._private: dict[bytes, bool] = {}  # its record lists circuit addresses only
 
     def offered_protocols(self) -> dict[str, list[str]]:
         """What this host offers at the security and muxer negotiation steps, in order."""
@@ -256,6 +259,7 @@ class P2PHost:
         if self.is_connected(peer):
             return True
         direct, circuits = self.known_addrs(peer)
+        relayed = False
         with trio.move_on_after(timeout):
             if direct:
                 self._forget_failures(ID(peer))
@@ -267,7 +271,10 @@ class P2PHost:
             if self.relay_client is not None and relay:
                 for addr in circuits:
                     if await self.dial_relayed(peer, addr):
-                        return True
+                        relayed = True
+                        break
+        if relayed:
+            await self.punch(peer)
         return self.is_connected(peer)
 
     async def dial_relayed(self, peer: bytes, circuit: str, *, timeout: float = 15.0) -> bool:
@@ -283,19 +290,25 @@ class P2PHost:
             return False
         logger.info("relayed connection peer=%s via=%s", str(ID(peer))[-8:], head.rsplit("/", 1)[-1][-8:],
                     extra={"event": "relayed_connection"})
-        if self.dcutr is not None:
-            # upgrade before the caller opens its stream: a stream opened on the relayed
-            # connection stays there; new streams prefer a direct connection once it exists
-            t0 = trio.current_time()
-            punched = False
+        return True
+
+    async def punch(self, peer: bytes) -> bool:
+        """Try DCUtR on our relayed connection to `peer` for up to `hole_punch_wait_s`, so that the
+        caller's next stream rides a direct connection (a stream opened on the relayed connection
+        stays there; new streams prefer a direct one once it exists). True if one exists now."""
+        if self.dcutr is None:
+            return False
+        t0 = trio.current_time()
+        punched = False
+        try:
             with trio.move_on_after(self.hole_punch_wait_s):
-                try:
-                    punched = bool(await self.dcutr.initiate_hole_punch(ID(peer)))
-                except (BaseLibp2pError, OSError) as exc:
-                    logger.info("hole punch peer=%s failed: %s", ID(peer), exc)
+                punched = bool(await self.dcutr.initiate_hole_punch(ID(peer)))
+        except (BaseLibp2pError, OSError) as exc:
+            logger.info("hole punch peer=%s failed: %s", ID(peer), exc)
+        finally:  # also when the caller's deadline cut it short
             logger.info("hole punch peer=%s direct=%s seconds=%.2f", str(ID(peer))[-8:], punched,
                         trio.current_time() - t0, extra={"event": "hole_punch", "direct": punched})
-        return True
+        return punched
 
     def known_addrs(self, peer: bytes) -> tuple[list[str], list[str]]:
         """(direct, circuit) addresses the peerstore holds for `peer`."""
@@ -303,7 +316,12 @@ class P2PHost:
             addrs = [str(a) for a in self._host.get_peerstore().addrs(ID(peer))]
         except Exception:  # PeerStoreError: nothing known
             addrs = []
-        return [a for a in addrs if not is_circuit(a)], [a for a in addrs if is_circuit(a)]
+        seq, circuits = self._records.get(peer, (0, ()))
+        if seq and circuits and self._private.get(peer):
+            # its record lists circuits only: it is behind a NAT, and whatever libp2p's own
+            # record says (its LAN addresses) cannot be dialled; DCUtR finds the direct path
+            return [], list(circuits)
+        return [a for a in addrs if not is_circuit(a)], list(circuits)
 
     def stream_kind(self, stream: FramedStream) -> str:
         """"direct", "relayed" or "hole_punched": the connection `stream` rides on."""
@@ -354,14 +372,34 @@ class P2PHost:
         return seal_record(record, self._host.get_private_key()).marshal_envelope()
 
     def learn_record(self, envelope: bytes) -> bool:
-        """Put a signed peer record into the peerstore: libp2p checks that its signer is the peer
-        it names, keeps the newest seq and replaces that peer's old addresses, so a member that
-        moved is dialled at its new address. False if it was older or did not verify."""
+        """Learn a member's addresses from its signed peer record (checked: the signer is the peer
+        it names). The newest seq wins and replaces that peer's old addresses, so a member that
+        moved is dialled at its new address. False if it was not newer or did not verify.
+
+        Kept apart from libp2p's own certified-address book on purpose: py-libp2p 0.8.1 attaches
+        each host's own libp2p record to pubsub RPCs and *drops the whole RPC* when that record's
+        seq is lower than the one in the peerstore (measured: directives and grafts lost once our
+        later-sealed records sat there), and its record lists listen addresses, never circuits.
+        Direct addresses go into the peerstore for the swarm's dialler; circuit addresses stay
+        here for `dial_relayed`.
+        """
         try:
-            env = unmarshal_envelope(envelope)
-        except Exception:  # protobuf/key errors: not a record
+            env, record = consume_envelope(envelope, PeerRecord().domain())
+            if ID.from_pubkey(env.public_key) != record.peer_id:
+                return False
+        except Exception:  # protobuf/key/signature errors: not a record
             return False
-        return bool(self._host.get_peerstore().consume_peer_record(env, ttl=0))
+        peer = record.peer_id
+        old = self._records.get(peer.to_bytes())
+        if old is not None and old[0] >= record.seq:
+            return False
+        addrs = [str(a) for a in record.addrs]
+        self._records[peer.to_bytes()] = (int(record.seq), tuple(a for a in addrs if is_circuit(a)))
+        self._private[peer.to_bytes()] = all(is_circuit(a) for a in addrs)
+        store = self._host.get_peerstore()
+        store.clear_addrs(peer)
+        store.add_addrs(peer, [multiaddr.Multiaddr(a) for a in addrs if not is_circuit(a)], 0)
+        return True
 
     def is_connected(self, peer: bytes) -> bool:
         return bool(self._host.get_network().get_connections(ID(peer)))
