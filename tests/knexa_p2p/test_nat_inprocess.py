@@ -12,12 +12,14 @@ import os
 import socket
 
 import trio
+from prometheus_client import generate_latest
 
 from knexa_p2p.directory import PEERS_PROTOCOL, PeerDirectory, exchange_records
 from knexa_p2p.host import MemberGate, open_host
 from knexa_p2p.identity import Identity
 from knexa_p2p.nat import RelayPolicy, dial_back, is_circuit, new_dialer_key
 from knexa_p2p.reach import DIALBACK_PROTOCOL, DialBackService, check_reachability, keep_reservation
+from knexa_runtime.metrics import DaemonMetrics
 
 
 def ident() -> Identity:
@@ -63,6 +65,15 @@ async def test_private_member_is_reached_through_the_cpm_relay():
         summary = cpm.relay.summary()
         assert summary["bytes_relayed"] > 2 * len(payload)
         assert summary["reservations"] >= 1 and summary["circuits"] == 1
+        # the same numbers on the daemons' Prometheus endpoints
+        node_metrics, relay_metrics = DaemonMetrics("node"), DaemonMetrics("cpm")
+        node_metrics.observe_connections(a.connection_kinds(), reservations=0, reachability="public")
+        relay_metrics.observe_connections(cpm.connection_kinds(), summary)
+        text = generate_latest(node_metrics.registry).decode()
+        assert 'knexa_connections{kind="relayed"} 1.0' in text
+        assert 'knexa_connections_opened_total{kind="relayed"} 1.0' in text and "knexa_reachable 1.0" in text
+        relay_text = generate_latest(relay_metrics.registry).decode()
+        assert f"knexa_relay_bytes_total {float(summary['bytes_relayed'])}" in relay_text
         nursery.cancel_scope.cancel()
 
 
