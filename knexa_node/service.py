@@ -76,6 +76,9 @@ from .reward import compute_reward
 
 __all__ = ["RELOADABLE", "NodeService"]
 
+#: seconds between dial-back checks after the first (node behind a NAT, docs/operations.md)
+REACHABILITY_RECHECK_S = 600.0
+
 logger = logging.getLogger("knexa_node")
 STATE_FILE = "node-state.json"
 ROUNDS_FILE = "rounds.jsonl"
@@ -159,6 +162,7 @@ class NodeService:
         self._inbox: dict[bytes, tuple[PackageBody, int]] = {}
         #: the kind of connection (direct, relayed, hole_punched) each received package came over
         self._inbox_path: dict[bytes, str] = {}
+        self._reserving = False  # relay reservations are being kept (find_reachability)
         self._inbox_events: dict[bytes, trio.Event] = {}
         self._inbox_round: dict[bytes, int] = {}
         self._waiting: set[bytes] = set()
@@ -308,21 +312,42 @@ class NodeService:
 
     async def find_reachability(self, host: P2PHost, nursery: trio.Nursery) -> None:
         """Ask the CPM for a dial-back from a fresh connection. Unless that proves us public, hold
-        a reservation at the CPM's relay (and at `relays`) and publish our circuit addresses."""
-        try:
-            await check_reachability(host, self.cpm_peer, timeout=self.cfg.stream_timeout_s)
-        except (ReachabilityError, StreamBroken, DialError) as exc:
-            logger.warning("reachability unknown (dial-back failed: %s); holding a relay reservation anyway", exc)
+        a reservation at the CPM's relay (and at `relays`) and publish our circuit addresses.
+        Re-checked every REACHABILITY_RECHECK_S (a port forward added later makes us public)."""
+        await self._check_reachability(host)
+        nursery.start_soon(self._recheck_reachability, host, nursery)
         if host.reachability == "public":
             return
-        for relay in dict.fromkeys((self.cfg.cpm, *self.cfg.relays)):
-            nursery.start_soon(functools.partial(
-                keep_reservation, host, relay,
-                on_change=lambda: nursery.start_soon(self.refresh_directory, host)))
+        self._start_reservations(host, nursery)
         with trio.move_on_after(self.cfg.stream_timeout_s):  # the first round needs our circuit address
             while host.relay_client is not None and not host.relay_client.circuit_addrs():
                 await trio.sleep(0.1)
         await self.refresh_directory(host)
+
+    def _start_reservations(self, host: P2PHost, nursery: trio.Nursery) -> None:
+        if self._reserving:
+            return
+        self._reserving = True
+        for relay in dict.fromkeys((self.cfg.cpm, *self.cfg.relays)):
+            nursery.start_soon(functools.partial(
+                keep_reservation, host, relay,
+                on_change=lambda: nursery.start_soon(self.refresh_directory, host)))
+
+    async def _check_reachability(self, host: P2PHost) -> None:
+        try:
+            await check_reachability(host, self.cpm_peer, timeout=self.cfg.stream_timeout_s)
+        except (ReachabilityError, StreamBroken, DialError) as exc:
+            logger.warning("reachability unknown (dial-back failed: %s); holding a relay reservation", exc)
+
+    async def _recheck_reachability(self, host: P2PHost, nursery: trio.Nursery) -> None:
+        while True:
+            await trio.sleep(REACHABILITY_RECHECK_S)
+            before = host.reachability
+            await self._check_reachability(host)
+            if host.reachability != "public":
+                self._start_reservations(host, nursery)
+            if host.reachability != before:
+                await self.refresh_directory(host)  # our record's addresses follow
 
     def status(self) -> dict[str, Any]:
         host = self.host

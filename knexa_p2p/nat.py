@@ -46,7 +46,7 @@ from libp2p.peer.id import ID
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import PeerId as CircuitPeerId
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
-from libp2p.relay.circuit_v2.protocol import STOP_PROTOCOL_ID, CircuitV2Protocol
+from libp2p.relay.circuit_v2.protocol import STOP_PROTOCOL_ID, CircuitV2Protocol, _is_relayed_stream
 from libp2p.relay.circuit_v2.protocol_buffer import StatusCode, to_proto_status
 from libp2p.relay.circuit_v2.resources import RelayLimits
 from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
@@ -193,22 +193,47 @@ class MemberRelay(CircuitV2Protocol):
         self.counts: Counter[str] = Counter()
 
     async def _handle_hop_stream(self, stream: INetStream) -> None:
+        """One request per hop stream (RESERVE or CONNECT), as go and rust relays do.
+
+        Replaces py-libp2p's handler, which loops for more requests on the same stream and logs
+        an ERROR when the client closes it after its reservation (every renewal), and which feeds
+        the client's libp2p peer record into the relay's certified-address book."""
         peer = stream.muxed_conn.peer_id
         try:
             member = bool(self.is_member(peer.to_bytes()))
         except Exception:  # a broken predicate fails closed
             member = False
-        if not member:  # the connection gate stops non-members first; this is the second lock
-            self.counts["refused_not_member"] += 1
-            logger.warning("relay refused peer=%s reason=not_member", peer,
-                           extra={"event": "relay_refused", "reason": "not_member"})
-            try:
-                await write_delimited_msg(stream, HopMessage(type=HopMessage.STATUS,
-                                                             status=to_proto_status(StatusCode.PERMISSION_DENIED)))
-            finally:
-                await stream.reset()
+        if not member or _is_relayed_stream(stream):
+            # the connection gate stops non-members first; this is the second lock. Spec: no
+            # reservations or circuits over an already relayed connection either.
+            reason = "not_member" if not member else "relayed_connection"
+            self.counts[f"refused_{reason}"] += 1
+            logger.warning("relay refused peer=%s reason=%s", peer, reason,
+                           extra={"event": "relay_refused", "reason": reason})
+            await self._refuse(stream, StatusCode.PERMISSION_DENIED)
             return
-        await super()._handle_hop_stream(stream)
+        try:
+            with trio.fail_after(self.read_timeout):
+                msg = await read_delimited_msg(stream, HopMessage)
+        except Exception as exc:  # timeout, reset, garbage: nothing to answer
+            logger.info("relay hop stream from %s ended without a request: %s", str(peer)[-8:], type(exc).__name__)
+            await stream.reset()
+            return
+        if msg.type == HopMessage.RESERVE:
+            await self._handle_reserve(stream, msg)
+            await self._close_stream(stream)
+        elif msg.type == HopMessage.CONNECT:
+            await self._handle_connect(stream, msg)
+        else:
+            await self._refuse(stream, StatusCode.MALFORMED_MESSAGE)
+
+    async def _refuse(self, stream: INetStream, code: StatusCode) -> None:
+        try:
+            await write_delimited_msg(stream, HopMessage(type=HopMessage.STATUS, status=to_proto_status(code)))
+        except Exception:  # the peer may be gone already
+            logger.debug("relay refusal not delivered", exc_info=True)
+        finally:
+            await stream.reset()
 
     async def _handle_reserve(self, stream: INetStream, msg: HopMessage) -> None:
         self.counts["reservations"] += 1

@@ -119,11 +119,13 @@ async def keep_reservation(host: P2PHost, relay_addr: str, *, on_change: Callabl
     renew it at half its lifetime, re-dial and re-reserve after a failure. `on_change` runs
     whenever the circuit addresses change (the daemon republishes its peer record)."""
     assert host.relay_client is not None
+    delay = retry_s
     while True:
         try:
             relay = await host.connect(relay_addr, timeout=10.0)
             had = host.relay_client.circuit_addrs()
             expire = await host.relay_client.reserve(relay_addr, relay)
+            delay = retry_s
             if host.relay_client.circuit_addrs() != had:
                 logger.info("relay reservation via=%s addrs=%s", relay_addr.rsplit("/", 1)[-1][-8:],
                             ",".join(host.relay_client.circuit_addrs()), extra={"event": "reservation"})
@@ -131,5 +133,7 @@ async def keep_reservation(host: P2PHost, relay_addr: str, *, on_change: Callabl
                     on_change()
             await trio.sleep(max(retry_s, (expire - time.time()) / 2))
         except (DialError, RelayError, StreamBroken, BaseLibp2pError, trio.TooSlowError, OSError) as exc:
-            logger.info("relay reservation at %s failed: %s: %s", relay_addr, type(exc).__name__, exc)
-            await trio.sleep(retry_s)
+            logger.info("relay reservation at %s failed (next try in %.0fs): %s: %s", relay_addr, delay,
+                        type(exc).__name__, exc)
+            await trio.sleep(delay)
+            delay = min(delay * 2, 120.0)
