@@ -377,6 +377,12 @@ class NodeService:
         return (peer == self.cpm_peer or not self.roster or peer in self.roster or peer in self._cpm_members
                 or peer in self.discovered)
 
+    def is_relay_member(self, peer: bytes) -> bool:
+        """Who may use this node's relay (`relay_service`): members we know of for certain (the
+        roster, members the CPM's directory or directives named), never "anyone" as an empty
+        roster means for plain connections."""
+        return peer in self.roster or peer in self.discovered or peer in self._cpm_members
+
     def gate(self) -> MemberGate:
         """Non-members are disconnected right after the Noise handshake, counted by reason."""
         return MemberGate(self.is_member, on_refused=lambda reason, _peer: self._reject("connection", reason))
@@ -824,7 +830,8 @@ class NodeService:
         try:
             nat = self.cfg.nat_traversal
             async with open_host(self.identity, self.cfg.listen, gossip=gossip, gate=self.gate(),
-                                 relay=RelayPolicy() if self.cfg.relay_service else None, relay_client=nat,
+                                 relay=RelayPolicy() if self.cfg.relay_service else None,
+                                 relay_members=self.is_relay_member, relay_client=nat,
                                  hole_punch=nat and self.cfg.hole_punch) as host, \
                     trio.open_nursery() as nursery:
                 self.host = host

@@ -481,13 +481,15 @@ async def open_host(
     gossip: GossipSettings | None = None,
     gate: MemberGate | None = None,
     relay: RelayPolicy | None = None,
+    relay_members: Callable[[bytes], bool] | None = None,
     relay_client: bool = False,
     hole_punch: bool = False,
 ) -> AsyncIterator[P2PHost]:
     """Run a libp2p host until the context exits, then close it (shielded) so no task leaks.
 
     With a `gate`, only peers it admits keep a connection (checked after the Noise handshake).
-    `relay`: offer circuit relay v2 to peers the gate admits, with these limits (the CPM).
+    `relay`: offer circuit relay v2 with these limits (the CPM) to peers `relay_members` admits
+    (default: the gate's predicate; checked again on every hop stream).
     `relay_client`: accept relayed connections, hold reservations, dial through relays (nodes).
     `hole_punch`: run DCUtR, which upgrades relayed connections to direct ones where NATs allow.
     """
@@ -512,8 +514,9 @@ async def open_host(
     services: list[Any] = []
     member_relay = None
     if relay is not None:
-        is_member = gate.is_member if gate is not None else (lambda _peer: True)
-        member_relay = MemberRelay(host, relay, is_member)
+        if relay_members is None:
+            relay_members = gate.is_member if gate is not None else (lambda _peer: True)
+        member_relay = MemberRelay(host, relay, relay_members)
         services.append(member_relay)
     client = RelayClient(host) if relay_client else None
     if client is not None:

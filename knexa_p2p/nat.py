@@ -40,6 +40,7 @@ from libp2p.connection_types import ConnectionType
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
+from libp2p.exceptions import BaseLibp2pError
 from libp2p.io.trio import TrioTCPStream
 from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.peer.id import ID
@@ -228,12 +229,13 @@ class MemberRelay(CircuitV2Protocol):
             await self._refuse(stream, StatusCode.MALFORMED_MESSAGE)
 
     async def _refuse(self, stream: INetStream, code: StatusCode) -> None:
+        """Answer with `code` and close (a reset right after the write raced the status: the
+        client saw StreamReset instead of the refusal)."""
         try:
             await write_delimited_msg(stream, HopMessage(type=HopMessage.STATUS, status=to_proto_status(code)))
         except Exception:  # the peer may be gone already
             logger.debug("relay refusal not delivered", exc_info=True)
-        finally:
-            await stream.reset()
+        await self._close_stream(stream)
 
     async def _handle_reserve(self, stream: INetStream, msg: HopMessage) -> None:
         self.counts["reservations"] += 1
@@ -286,6 +288,8 @@ class RelayClient(CircuitV2Protocol):
                 await write_delimited_msg(stream, HopMessage(type=HopMessage.RESERVE,
                                                              peer=CircuitPeerId(id=self.host.get_id().to_bytes())))
                 resp = await read_delimited_msg(stream, HopMessage)
+            except BaseLibp2pError as exc:
+                raise RelayError(f"relay {ID(relay)} dropped the reservation: {type(exc).__name__}") from exc
             finally:
                 await stream.close()
         status = StatusCode(resp.status) if resp.HasField("status") else StatusCode.OK

@@ -289,11 +289,19 @@ def test_two_nats_round_goes_hole_punched_or_relayed(two_nats: tuple[Namespaces,
         nodes = {"pubnode": ("pub", f"/ip4/{PUB_IP}/tcp/{PUB_NODE_PORT}", 0.25, [1.0] * 12),
                  "a": ("a", f"/ip4/{NATS['a'][3]}/tcp/4002", 0.5, [1.0] + [0.0] * 11),
                  "b": ("b", f"/ip4/{NATS['b'][3]}/tcp/4002", 0.0, [0.0] * 11 + [1.0])}
+        # the public node is also an operator-run relay (relay_service; its roster names the members)
+        pub_relay = f"/ip4/{PUB_IP}/tcp/{PUB_NODE_PORT}/p2p/{ids['pubnode']}"
         for name, (ns, listen, pass1, hist) in nodes.items():
             spec = {"role": "node", "dir": str(tmp_path / name), "seed": seeds[name].hex(), "cpm": cpm_addr,
                     "listen": listen, "rounds": ROUNDS, "pass_at_1": pass1, "hist": hist,
                     "status_file": str(tmp_path / f"{name}.status.json")}
+            if name == "pubnode":
+                spec.update(relay_service=True, roster=list(ids.values()))
+            else:
+                spec["relays"] = [pub_relay]
             procs.append(_spawn(nss, ns, spec, tmp_path / f"{name}.log"))
+            if name == "pubnode":
+                _wait_file(tmp_path / "pubnode.status.json", procs[-1], tmp_path / "pubnode.log")
         # an outsider behind NAT 2 tries the relay: refused
         out_spec = {"role": "outsider", "seed": outsider_seed.hex(), "cpm": cpm_addr,
                     "result_file": str(tmp_path / "outsider.json")}
@@ -317,21 +325,25 @@ def test_two_nats_round_goes_hole_punched_or_relayed(two_nats: tuple[Namespaces,
         assert [e["round"] for e in logs[n]] == list(range(ROUNDS)), logs[n]
     assert status["a"]["reachability"] == status["b"]["reachability"] == "private"
     assert status["pubnode"]["reachability"] == "public"
-    assert all(x.endswith("/p2p-circuit") for x in status["b"]["relay_addrs"]) and status["b"]["relay_addrs"]
+    # b holds reservations at both relays and publishes only their circuit addresses
+    assert len(status["b"]["relay_addrs"]) == 2 and all(x.endswith("/p2p-circuit") for x in status["b"]["relay_addrs"])
+    assert {x.split("/p2p/")[1].split("/")[0] for x in status["b"]["relay_addrs"]} == {
+        cpm_addr.rsplit("/", 1)[-1], ids["pubnode"]}
     expected = "hole_punched" if kind == "eim" else "relayed"
     for e in logs["a"]:
         assert e["role"] == "teacher" and "error" not in e and e["path"] == expected, e
     for e in logs["b"]:
         assert e["role"] == "student" and e.get("reward_ack") == "ok" and e["path"] == expected, e
     assert all(e["role"] == "idle" for e in logs["pubnode"])
-    relay = status["cpm"]["relay"]
-    assert relay["circuits"] >= 1 and relay["reservations"] >= 2
+    relays = [status["cpm"]["relay"], status["pubnode"]["relay"]]
+    assert all(r["reservations"] >= 2 for r in relays)  # a and b at each relay
+    assert sum(r.get("circuits", 0) for r in relays) >= 1
     assert status["a"]["connections"]["opened"]["relayed"] >= 1
     if kind == "eim":
         assert status["a"]["connections"]["opened"]["hole_punched"] >= 1
     else:
         assert status["a"]["connections"]["opened"]["hole_punched"] == 0
-        assert relay["bytes_relayed"] > sum(e["package_bytes"] for e in logs["a"])
+        assert sum(r["bytes_relayed"] for r in relays) > sum(e["package_bytes"] for e in logs["a"])
     refused = json.loads((tmp_path / "outsider.json").read_text())
     assert refused["reserved"] is False and refused["error"], refused
     assert status["cpm"]["rejected"].get("not_member", 0) >= 1
@@ -385,6 +397,8 @@ def _worker(spec: dict[str, Any]) -> None:
 
     d = Path(spec["dir"])
     cfg = NodeSection(federation="nat", state_dir=d, cpm=spec["cpm"], listen=(spec["listen"],), rounds=spec["rounds"],
+                      relays=tuple(spec.get("relays", ())), relay_service=spec.get("relay_service", False),
+                      roster=tuple(spec.get("roster", ())),
                       directive_timeout_s=90, directive_poll_s=2.0, package_timeout_s=60, stream_timeout_s=10,
                       cpm_connect_timeout_s=60, final_eval=False, profile_epsilon=0.0)
     node = NodeService(cfg, Backend(d.name, seed=len(spec["seed"])), Identity.from_seed(bytes.fromhex(spec["seed"])),

@@ -11,13 +11,21 @@ from __future__ import annotations
 import os
 import socket
 
+import pytest
 import trio
 from prometheus_client import generate_latest
 
 from knexa_p2p.directory import PEERS_PROTOCOL, PeerDirectory, exchange_records
 from knexa_p2p.host import MemberGate, open_host
 from knexa_p2p.identity import Identity
-from knexa_p2p.nat import RelayPolicy, dial_back, is_circuit, new_dialer_key
+from knexa_p2p.nat import (
+    RelayError,
+    RelayPolicy,
+    circuit_addr,
+    dial_back,
+    is_circuit,
+    new_dialer_key,
+)
 from knexa_p2p.reach import DIALBACK_PROTOCOL, DialBackService, check_reachability, keep_reservation
 from knexa_runtime.metrics import DaemonMetrics
 
@@ -94,6 +102,24 @@ async def test_relay_refuses_a_non_member():
             assert "non-member got" not in str(exc)
         assert gate.refused["not_member"] >= 1
         assert cpm.relay.summary().get("reservations", 0) == 0
+
+
+async def test_relay_checks_membership_again_on_every_hop_stream():
+    # a relay whose connection gate is open (e.g. a member's node with an empty roster): the hop
+    # handler still refuses anyone its relay predicate does not name
+    relay_id, member_id, outsider_id = ident(), ident(), ident()
+    members = {member_id.peer_bytes}
+    async with open_host(relay_id, relay=RelayPolicy(), relay_members=members.__contains__) as relay, \
+            open_host(outsider_id, relay_client=True) as outsider, \
+            open_host(member_id, relay_client=True) as member:
+        addr = relay.addrs()[0]
+        await outsider.connect(addr)
+        with pytest.raises(RelayError, match="PERMISSION_DENIED"):
+            await outsider.relay_client.reserve(addr, relay.peer_id)
+        assert not await outsider.dial_relayed(member.peer_id, circuit_addr(addr, relay.peer_id))
+        await member.connect(addr)
+        assert await member.relay_client.reserve(addr, relay.peer_id) > 0
+        assert relay.relay.summary()["refused_not_member"] == 2 and relay.relay.summary()["reservations"] == 1
 
 
 async def test_dial_back_uses_a_fresh_connection_and_proves_the_peer_id():
