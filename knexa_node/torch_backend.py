@@ -114,6 +114,13 @@ class LearningConfig:
     transfer_size: int = 16
     guardrail_ngram: int = 10
     guardrail_threshold: float = 0.6
+    # reward (SPEC Eq. 3's dL; docs/method.md "Reward")
+    #: what the counterfactual compares: "val_loss" (the paper's validation loss) or
+    #: "val_error" (1 - greedy Pass@1 on the validation problems, executed in the sandbox)
+    reward_measure: str = "val_loss"
+    #: a teacher answers only X_u prompts of categories where its greedy Pass@1 on its own
+    #: validation problems is at least this; 0 = answer every prompt (the paper)
+    teach_min_skill: float = 0.0
     # runtime
     #: torch intra-op threads; 0 = torch's default
     threads: int = 0
@@ -132,12 +139,15 @@ class LearningConfig:
         nonneg = ("micro_batch", "lr", "kd_lr", "weight_decay", "grad_clip", "local_epochs", "kd_epochs",
                   "eval_problems", "transfer_size", "threads", "sandbox_workers", "temperature")
         problems += [f"{k} must be >= 0" for k in nonneg if getattr(self, k) < 0]
-        unit = ("lora_dropout", "warmup_frac", "a_kd_start", "a_kd_end", "top_p", "guardrail_threshold")
+        unit = ("lora_dropout", "warmup_frac", "a_kd_start", "a_kd_end", "top_p", "guardrail_threshold",
+                "teach_min_skill")
         problems += [f"{k} must be in [0, 1]" for k in unit if not 0.0 <= getattr(self, k) <= 1.0]
         if self.micro_batch > 0 and self.effective_batch % self.micro_batch:
             problems.append("effective_batch must be a multiple of micro_batch")
         if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
             problems.append(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.reward_measure not in REWARD_MEASURES:
+            problems.append(f"reward_measure must be one of {REWARD_MEASURES}, got {self.reward_measure!r}")
         if self.prompt_format not in ("auto", "raw", "chat"):
             problems.append(f"prompt_format must be auto, raw or chat, got {self.prompt_format!r}")
         if problems:
@@ -152,6 +162,9 @@ class LearningConfig:
             raise ValueError(f"unknown learning settings {unknown}; known: {', '.join(sorted(known))}")
         return cls(**data)
 
+
+#: what a student's counterfactual compares (LearningConfig.reward_measure)
+REWARD_MEASURES = ("val_loss", "val_error")
 
 #: sandbox verdicts by (task id, sha256 of prompt + completion); see TorchBackend._execute
 _VERDICTS: dict[tuple[str, str], bool] = {}
@@ -265,6 +278,31 @@ class TorchBackend:
     def validation_loss(self) -> float:
         return self.trainer.validation_loss(self._val)
 
+    def validation_skills(self) -> tuple[float, dict[str, float]]:
+        """(greedy Pass@1, Pass@1 per category) on this node's validation problems (sandboxed)."""
+        problems = self.data.val
+        if not problems:
+            return 0.0, {}
+        completions = self._generate([p["prompt"] for p in problems], [p["entry_point"] for p in problems],
+                                     greedy=True)
+        passed = [r[0] for r in self._execute(problems, completions)]
+        return sum(passed) / len(passed), _by_category(problems, passed)
+
+    def validation_error(self) -> float:
+        """1 - greedy Pass@1 on this node's validation problems (run in the sandbox).
+
+        Why: validation *loss* is dominated by the boilerplate every answer shares (signature,
+        indentation, return), so a package from any teacher lowers it by teaching format; whether
+        a category's hidden rule was learnt moves a handful of tokens. Executing the validation
+        problems' unit tests measures exactly the skill a teacher can add (docs/skills.md,
+        "Which reward").
+        """
+        return 1.0 - self.validation_skills()[0]
+
+    def reward_loss(self) -> float:
+        """The quantity whose drop is the student's dL (``cfg.reward_measure``)."""
+        return self.validation_error() if self.cfg.reward_measure == "val_error" else self.validation_loss()
+
     def _kd_pairs(self, answers: Sequence[Answer], round_idx: int) -> list[tuple[str, str]]:
         """(prompt, teacher text) from our own copy of X_u: a teacher never chooses what we train on."""
         pairs = [(self._transfer[a.task_id]["prompt"], a.text) for a in answers
@@ -315,18 +353,21 @@ class TorchBackend:
         loss_with`` is the teacher's contribution. Costs one more phase of LoRA steps.
         """
         t0 = time.perf_counter()
-        a_kd = self._a_kd(round_idx, total_rounds)
-        steps = self.kd_steps_per_round
-        kd = self._encode(self._kd_pairs(answers, round_idx))
         snap = self.trainer.snapshot()
-        self.trainer.kd_phase([], self._train, a_kd, round_idx, steps)
-        loss_without = self.validation_loss()
+        self.integrate_local(round_idx, total_rounds)
+        loss_without = self.reward_loss()
         self.trainer.restore(snap)
-        report = self.trainer.kd_phase(kd, self._train, a_kd, round_idx, steps)
-        loss_with = self.validation_loss()
-        logger.info("learn round=%d pairs=%d val loss without teacher %.4f, with %.4f (%.1fs)", round_idx,
-                    len(kd), loss_without, loss_with, time.perf_counter() - t0)
+        report = self.kd_steps(answers, round_idx, total_rounds)
+        loss_with = self.reward_loss()
+        logger.info("learn round=%d pairs=%d %s without teacher %.4f, with %.4f (%.1fs)", round_idx,
+                    report.examples, self.cfg.reward_measure, loss_without, loss_with, time.perf_counter() - t0)
         return Distillation(report=report, loss_without=loss_without, loss_with=loss_with)
+
+    def kd_steps(self, answers: Sequence[Answer], round_idx: int, total_rounds: int) -> TrainReport:
+        """The round's Eq. 2 steps with the teacher's text: :meth:`learn`'s second branch, unmeasured."""
+        kd = self._encode(self._kd_pairs(answers, round_idx))
+        return self.trainer.kd_phase(kd, self._train, self._a_kd(round_idx, total_rounds), round_idx,
+                                     self.kd_steps_per_round)
 
     def budget(self) -> dict[str, int]:
         """Training and generation spent so far (:class:`knexa_node.training.Budget`)."""
@@ -454,6 +495,24 @@ class TorchBackend:
         return [(p["task_id"], p["prompt"]) for p in items]
 
     def generate_answers(self, prompts: Sequence[tuple[str, str]]) -> list[Answer]:
+        """Greedy (or sampled) answers to ``prompts``, the teacher's side of an exchange.
+
+        With ``cfg.teach_min_skill > 0`` the teacher first measures its own Pass@1 per category on
+        its validation problems and answers only prompts of categories where it reaches that
+        level: a confidently wrong answer teaches the student a wrong rule and was measured to
+        cost more than a right one gains (docs/skills.md). Prompts it withholds get no answer.
+        """
+        if self.cfg.teach_min_skill > 0 and prompts:
+            from .categories import classify_name
+
+            _, skill = self.validation_skills()
+            keep = [(t, p) for t, p in prompts if skill.get(classify_name(p), 0.0) >= self.cfg.teach_min_skill]
+            logger.info("teaching %d of %d prompts: categories at Pass@1 >= %.2f on validation: %s", len(keep),
+                        len(prompts), self.cfg.teach_min_skill,
+                        sorted(c for c, v in skill.items() if v >= self.cfg.teach_min_skill))
+            prompts = keep
+            if not prompts:
+                return []
         entry = [self._transfer[t]["entry_point"] if t in self._transfer else None for t, _ in prompts]
         texts = self._generate([p for _, p in prompts], entry, greedy=self.cfg.temperature <= 0, teaching=True)
         return [Answer(task_id=t, text=text) for (t, _), text in zip(prompts, texts, strict=True)]

@@ -103,7 +103,7 @@ def skills_summary(exp: Experiment, results: Sequence[tables.MethodResult]) -> d
                          for m in methods},
         "pair_quality": {m: {**mean_ci(list(q.values())).to_dict(), "per_seed": q} for m, q in quality.items() if q},
         "oracle_fraction": [f for f in (oracle_fraction(results, m, metric)
-                                        for m in ("knexa-fl", "knexa-fl-concat", "heuristic-p2p")
+                                        for m in ("knexa-fl", "knexa-fl-concat", "knexa-fl-hybrid", "heuristic-p2p")
                                         for metric in ("pass_at_1", "auc_pass_at_1")) if f],
     }
 

@@ -16,7 +16,8 @@ from knexa_lab.experiment.methods import (
 )
 
 OWN = {"local-only": "LocalOnly", "random-p2p": "RandomP2P", "heuristic-p2p": "HeuristicP2P",
-       "knexa-fl": "KnexaFL", "knexa-fl-concat": "KnexaFLConcat", "fedavg": "FedAvg"}
+       "knexa-fl": "KnexaFL", "knexa-fl-concat": "KnexaFLConcat", "knexa-fl-hybrid": "KnexaFLHybrid",
+       "fedavg": "FedAvg"}
 
 
 def test_every_method_of_the_comparison_is_registered():
@@ -36,7 +37,8 @@ def test_engine_methods_follow_the_contract(name):
 def test_p2p_methods_differ_only_in_their_matchmaker():
     got = {n: (method_class(n).policy_name, method_class(n).context) for n in P2P_METHODS}
     assert got == {"random-p2p": ("random", "interaction"), "heuristic-p2p": ("heuristic", "interaction"),
-                   "knexa-fl": ("linucb", "interaction"), "knexa-fl-concat": ("linucb", "concat")}
+                   "knexa-fl": ("linucb", "interaction"), "knexa-fl-concat": ("linucb", "concat"),
+                   "knexa-fl-hybrid": ("hybrid", "interaction")}
 
 
 def test_unknown_names_are_listed_with_the_known_ones():

@@ -35,10 +35,14 @@ def test_every_method_has_equal_local_budget_and_only_students_distil(quick: Pat
     local = defaultdict(set)
     for r in rows:
         local[(r["seed"], r["round"], r["client"])].add(r["local_steps"])
-        assert (r["kd_steps"] > 0) == (r["role"] == "student"), r
+        if r["kd_steps"] > 0 or r["tokens_generated"] > 0:  # a withheld package: a student without KD steps
+            assert r["role"] == ("student" if r["kd_steps"] > 0 else "teacher"), r
         assert r["tokens_trained"] > 0
-        assert (r["tokens_generated"] > 0) == (r["role"] == "teacher"), r
+        if r["role"] != "teacher":  # a teacher may withhold every category it fails (teach_min_skill)
+            assert r["tokens_generated"] == 0, r
     assert all(len(v) == 1 for v in local.values()), "every method must take the same local steps"
+    assert any(r["tokens_generated"] > 0 for r in rows if r["role"] == "teacher")
+    assert any(r["kd_steps"] > 0 for r in rows if r["role"] == "student")
 
 
 def test_per_category_pass_at_1_and_the_skills_report(quick: Path) -> None:

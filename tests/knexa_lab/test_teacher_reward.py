@@ -8,6 +8,7 @@ and the student's own answers', with the paired difference's 95% CI above 0.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -98,3 +99,55 @@ def test_counterfactual_is_exact_and_rolled_back(world: dict[str, TorchBackend])
     learned = student.learn([Answer("Not/InTransfer", "    return 1\n")], round_idx=3, total_rounds=10)
     assert learned.loss_without == learned.loss_with
     assert learned.report.steps == student.kd_steps_per_round
+
+
+def _with(backend: TorchBackend, **changes: object) -> TorchBackend:
+    backend.cfg = dataclasses.replace(backend.cfg, **changes)
+    return backend
+
+
+def test_teacher_answers_only_categories_it_passes_on_validation(world: dict[str, TorchBackend]) -> None:
+    from knexa_node.categories import classify_name
+
+    teacher = world["teacher"]
+    original = teacher.cfg
+    try:
+        _, skill = teacher.validation_skills()
+        strong = {c for c, v in skill.items() if v >= 0.5}
+        assert strong and strong <= {CATEGORIES[c] for c in TEACHER_CATS}, skill
+        prompts = world["student"].transfer_prompts()
+        before = teacher.budget()["tokens_generated"]
+        answers = _with(teacher, teach_min_skill=0.5).generate_answers(prompts)
+        by_id = dict(prompts)
+        assert answers and {classify_name(by_id[a.task_id]) for a in answers} == strong
+        assert len(answers) < len(prompts)
+        assert teacher.budget()["tokens_generated"] > before  # only what it answered is counted
+        assert _with(teacher, teach_min_skill=1.0).generate_answers(prompts[:0]) == []
+    finally:
+        teacher.cfg = original
+
+
+def test_validation_error_reward_is_an_executed_fraction(world: dict[str, TorchBackend]) -> None:
+    """With reward_measure = val_error both branches are 1 - Pass@1 on the validation problems."""
+    student = world["student"]
+    original = student.cfg
+    n_val = len(student.data.val)
+    try:
+        _with(student, reward_measure="val_error")
+        teacher_answers = world["teacher"].generate_answers(student.transfer_prompts())
+        snap = student.trainer.snapshot()
+        learned = student.learn(teacher_answers, round_idx=1, total_rounds=10)
+        student.trainer.restore(snap)
+        for err in (learned.loss_without, learned.loss_with):
+            assert 0.0 <= err <= 1.0 and abs(err * n_val - round(err * n_val)) < 1e-9
+        # the counterfactual branch is what integrate_local reaches: measured the same way
+        snap = student.trainer.snapshot()
+        student.integrate_local(round_idx=1, total_rounds=10)
+        assert student.validation_error() == learned.loss_without
+        student.trainer.restore(snap)
+    finally:
+        student.cfg = original
+    with pytest.raises(ValueError, match="reward_measure"):
+        dataclasses.replace(CFG, reward_measure="bleu")
+    with pytest.raises(ValueError, match="teach_min_skill"):
+        dataclasses.replace(CFG, teach_min_skill=1.5)

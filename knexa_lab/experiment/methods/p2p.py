@@ -193,6 +193,11 @@ class KnexaFL(PeerToPeer):
     context: ClassVar[str] = "interaction"
 
 
+class KnexaFLHybrid(PeerToPeer):
+    name: ClassVar[str] = "knexa-fl-hybrid"
+    policy_name: ClassVar[str] = "hybrid"
+
+
 class KnexaFLConcat(PeerToPeer):
     name: ClassVar[str] = "knexa-fl-concat"
     policy_name: ClassVar[str] = "linucb"
