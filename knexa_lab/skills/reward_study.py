@@ -12,7 +12,8 @@ of every other client once, from the same saved state: the round's Eq. 2 steps w
 It prints, per measure, the Spearman correlation with the ground truth within each student (the
 bandit ranks teachers for a student) and pooled, and writes every pair to ``pairs.jsonl``.
 
-    python -m knexa_lab.skills.reward_study --out docs/results/skills/reward-study --seed 1
+    python -m knexa_lab.skills.reward_study --out docs/results/skills-reward-study --seed 1 \
+        [--set learning.teach_min_skill=0.5]
 """
 
 from __future__ import annotations
