@@ -214,7 +214,7 @@ class NodeService:
         return {"round": entry.get("round"), "role": entry.get("role"),
                 "partner": partner[-8:] if isinstance(partner, str) else None,
                 "reward": round(entry["reward"], 4) if isinstance(entry.get("reward"), float) else None,
-                "pass_at_1": entry.get("pass_at_1"), "error": entry.get("error"),
+                "pass_at_1": entry.get("pass_at_1"), "error": entry.get("error"), "path": entry.get("path"),
                 "phase_seconds": entry.get("phase_seconds")}
 
     def _record(self, entry: dict[str, Any]) -> None:
