@@ -282,9 +282,13 @@ class NodeService:
 
     def dial_targets(self) -> list[str]:
         me = peer_id_str(self.me)
-        # a few discovered members, the same ones on every pass: the closest ids by XOR distance
-        near = sorted(self.discovered, key=lambda p: int.from_bytes(p[-16:], "big") ^ int.from_bytes(self.me[-16:], "big"))
-        found = [f"{a}/p2p/{peer_id_str(p)}" for p in near[:DISCOVERED_DIAL_MAX] for a in self.discovered[p][:1]]
+        # a few discovered members, the same ones on every pass: the closest ids by XOR distance.
+        # Directly reachable ones only: members behind a NAT (circuit addresses only) are dialled
+        # through a relay when a directive pairs us, not kept connected through it for the mesh
+        direct = {p: [a for a in addrs if "/p2p-circuit" not in a] for p, addrs in self.discovered.items()}
+        near = sorted((p for p in direct if direct[p]),
+                      key=lambda p: int.from_bytes(p[-16:], "big") ^ int.from_bytes(self.me[-16:], "big"))
+        found = [f"{direct[p][0]}/p2p/{peer_id_str(p)}" for p in near[:DISCOVERED_DIAL_MAX]]
         return list(dict.fromkeys(a for a in [self.cfg.cpm, *self.cfg.bootstrap, *self.roster_addrs, *found]
                                   if not a.endswith("/p2p/" + me)))
 

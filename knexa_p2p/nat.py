@@ -183,6 +183,21 @@ def connection_kind(host: IHost, kinds: ConnectionKinds, stream: INetStream) -> 
     return "relayed" if _raw_is_relayed(muxed) else "direct"
 
 
+class _CountingWriter:
+    """A stream proxy that adds every written byte to `relay.bytes_relayed`."""
+
+    def __init__(self, stream: INetStream, relay: MemberRelay) -> None:
+        self._stream = stream
+        self._relay = relay
+
+    async def write(self, data: bytes) -> None:
+        await self._stream.write(data)
+        self._relay.bytes_relayed += len(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 class MemberRelay(CircuitV2Protocol):
     """Circuit relay v2 hop service for members only, with counters."""
 
@@ -252,11 +267,12 @@ class MemberRelay(CircuitV2Protocol):
         finally:
             self.counts["circuits_closed"] += 1
 
-    async def _read_stream_with_retry(self, stream: INetStream, max_retries: int = 3) -> bytes | None:
-        data = await super()._read_stream_with_retry(stream, max_retries)
-        if data:
-            self.bytes_relayed += len(data)
-        return data
+    async def _relay_data(self, src_stream: INetStream, dst_stream: INetStream, peer_id: ID,
+                          deadline: float | None = None, circuit_data_limit: list[int] | None = None) -> None:
+        # count what is forwarded (written on), not what is read: the chunk that crosses the
+        # byte limit is read and then dropped
+        await super()._relay_data(src_stream, _CountingWriter(dst_stream, self), peer_id, deadline,
+                                  circuit_data_limit)
 
     def summary(self) -> dict[str, Any]:
         return {"bytes_relayed": self.bytes_relayed, "active_reservations": len(self.resource_manager._reservations),

@@ -27,6 +27,7 @@ from knexa_p2p.nat import (
     new_dialer_key,
 )
 from knexa_p2p.reach import DIALBACK_PROTOCOL, DialBackService, check_reachability, keep_reservation
+from knexa_p2p.streams import StreamBroken
 from knexa_runtime.metrics import DaemonMetrics
 
 
@@ -102,6 +103,30 @@ async def test_relay_refuses_a_non_member():
             assert "non-member got" not in str(exc)
         assert gate.refused["not_member"] >= 1
         assert cpm.relay.summary().get("reservations", 0) == 0
+
+
+async def test_relay_cuts_a_circuit_at_its_byte_limit():
+    cpm_id, a_id, b_id = ident(), ident(), ident()
+    members = {a_id.peer_bytes, b_id.peer_bytes}
+    policy = RelayPolicy(circuit_bytes=256 * 1024)
+    async with open_host(cpm_id, gate=MemberGate(members.__contains__), relay=policy) as cpm, \
+            open_host(a_id, relay_client=True) as a, open_host(b_id, relay_client=True) as b:
+        b.set_handler("/t/echo", _echo)
+        addr = cpm.addrs()[0]
+        await b.connect(addr)
+        await b.relay_client.reserve(addr, cpm.peer_id)
+        assert await a.dial_relayed(b.peer_id, circuit_addr(addr, cpm.peer_id))
+        small = await a.open_stream(b.peer_id, "/t/echo")
+        await small.send(b"x" * 1000)
+        assert await small.receive(max_size=1 << 20, timeout=10) == b"x" * 1000
+        big = await a.open_stream(b.peer_id, "/t/echo")
+        with pytest.raises(StreamBroken):  # 2 x 200 kB crosses the 256 KiB circuit budget
+            await big.send(os.urandom(200_000))
+            await big.receive(max_size=1 << 20, timeout=10)
+        with trio.fail_after(10):  # the relay reset the circuit: the relayed connection is gone
+            while a.is_connected(b.peer_id):
+                await trio.sleep(0.05)
+        assert cpm.relay.summary()["bytes_relayed"] <= 256 * 1024
 
 
 async def test_relay_checks_membership_again_on_every_hop_stream():
