@@ -47,6 +47,7 @@ from libp2p.utils.address_validation import expand_wildcard_address
 from .identity import Identity
 from .nat import (
     ConnectionKinds,
+    DialerDCUtR,
     MemberRelay,
     RelayClient,
     RelayError,
@@ -523,9 +524,7 @@ async def open_host(
         services.append(client)
     dcutr = None
     if hole_punch:
-        from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
-
-        dcutr = DCUtRProtocol(host)
+        dcutr = DialerDCUtR(host)
         services.append(dcutr)
     pubsub: Pubsub | None = None
     gossipsub: GossipSub | None = None

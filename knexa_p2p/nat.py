@@ -44,6 +44,7 @@ from libp2p.exceptions import BaseLibp2pError
 from libp2p.io.trio import TrioTCPStream
 from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.peer.id import ID
+from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import PeerId as CircuitPeerId
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
@@ -56,7 +57,7 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.security.security_multistream import SecurityMultistream
 
 __all__ = [
-    "DIALBACK_PROTOCOL", "HOP_PROTOCOL", "STOP_PROTOCOL", "ConnectionKinds", "MemberRelay", "RelayClient",
+    "DIALBACK_PROTOCOL", "HOP_PROTOCOL", "STOP_PROTOCOL", "ConnectionKinds", "DialerDCUtR", "MemberRelay", "RelayClient",
     "RelayPolicy", "circuit_addr", "connection_kind", "dial_back", "is_circuit",
 ]
 
@@ -282,6 +283,17 @@ class MemberRelay(CircuitV2Protocol):
                     "circuit_bytes": self.policy.circuit_bytes,
                     "max_reservations": self.policy.max_reservations,
                     "max_circuits_per_peer": self.policy.max_circuits_per_peer}}
+
+
+class DialerDCUtR(DCUtRProtocol):
+    """py-libp2p's DCUtR without its auto-drive loop: only the side that dialled through the relay
+    starts a hole punch (`P2PHost.punch`, right after the relayed dial). With the loop on, the
+    other side started its own session within its 2 s poll; the two sessions dialled the same
+    address pair from the same listen ports, and one of six netns runs (endpoint-independent
+    NATs) failed every dial with EADDRNOTAVAIL and stayed on the relay."""
+
+    async def _auto_drive_loop(self) -> None:
+        return
 
 
 class RelayError(Exception):
