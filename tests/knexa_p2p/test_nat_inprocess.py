@@ -171,3 +171,18 @@ async def test_dial_back_uses_a_fresh_connection_and_proves_the_peer_id():
         # another peer listening there is not the node either
         other_port = int(other.addrs()[0].split("/tcp/")[1].split("/")[0])
         assert not await dial_back("127.0.0.1", other_port, node.peer_id, key, timeout=3)
+
+
+async def test_dial_back_says_private_when_the_observed_address_does_not_answer():
+    # the node listens on 127.0.0.2 but reaches the CPM from 127.0.0.1: the CPM dials the IP it
+    # observes (never one the node names), finds nothing there, and says private, although the
+    # node's connection to the CPM is up the whole time
+    cpm_id, node_id = ident(), ident()
+    members = {node_id.peer_bytes}
+    async with open_host(cpm_id, gate=MemberGate(members.__contains__)) as cpm, \
+            open_host(node_id, ("/ip4/127.0.0.2/tcp/0",), gate=MemberGate(lambda p: p == cpm.peer_id)) as node:
+        service = DialBackService(cpm, members.__contains__, timeout=3)
+        cpm.set_handler(DIALBACK_PROTOCOL, service.handle)
+        await node.connect(cpm.addrs()[0])
+        assert await check_reachability(node, cpm.peer_id) == "private"
+        assert node.is_connected(cpm.peer_id) and service.counts["private"] == 1
