@@ -114,10 +114,11 @@ async def check_reachability(host: P2PHost, cpm: bytes, *, timeout: float = 20.0
 
 
 async def keep_reservation(host: P2PHost, relay_addr: str, *, on_change: Callable[[], object] | None = None,
-                           retry_s: float = 5.0) -> None:
+                           retry_s: float = 5.0, min_renew_s: float = 30.0) -> None:
     """Hold a reservation at the relay `relay_addr` (full multiaddr) for as long as this runs:
     renew it at half its lifetime, re-dial and re-reserve after a failure. `on_change` runs
-    whenever the circuit addresses change (the daemon republishes its peer record)."""
+    whenever the circuit addresses change (the daemon republishes its peer record). The expiry is
+    the relay's clock; `min_renew_s` keeps a skewed clock from turning renewals into a loop."""
     assert host.relay_client is not None
     delay = retry_s
     while True:
@@ -131,7 +132,7 @@ async def keep_reservation(host: P2PHost, relay_addr: str, *, on_change: Callabl
                             ",".join(host.relay_client.circuit_addrs()), extra={"event": "reservation"})
                 if on_change is not None:
                     on_change()
-            await trio.sleep(max(retry_s, (expire - time.time()) / 2))
+            await trio.sleep(max(min_renew_s, (expire - time.time()) / 2))
         except (DialError, RelayError, StreamBroken, BaseLibp2pError, trio.TooSlowError, OSError) as exc:
             logger.info("relay reservation at %s failed (next try in %.0fs): %s: %s", relay_addr, delay,
                         type(exc).__name__, exc)

@@ -8,6 +8,7 @@ end to end over Noise inside the circuit (the relay counts the bytes it forwarde
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 
@@ -186,3 +187,16 @@ async def test_dial_back_says_private_when_the_observed_address_does_not_answer(
         await node.connect(cpm.addrs()[0])
         assert await check_reachability(node, cpm.peer_id) == "private"
         assert node.is_connected(cpm.peer_id) and service.counts["private"] == 1
+
+
+async def test_reservation_is_renewed_before_it_expires():
+    cpm_id, b_id = ident(), ident()
+    members = {b_id.peer_bytes}
+    async with open_host(cpm_id, gate=MemberGate(members.__contains__),
+                         relay=RelayPolicy(reservation_ttl_s=2)) as cpm, \
+            open_host(b_id, relay_client=True) as b, trio.open_nursery() as nursery:
+        nursery.start_soon(functools.partial(keep_reservation, b, cpm.addrs()[0], min_renew_s=0.5))
+        await trio.sleep(5.0)  # 2.5 lifetimes
+        assert b.relay_client.circuit_addrs()  # still valid
+        assert cpm.relay.summary()["reservations"] >= 4 and cpm.relay.summary()["active_reservations"] == 1
+        nursery.cancel_scope.cancel()
