@@ -66,12 +66,13 @@ class DialBackService:
             return
         key = new_dialer_key()
         dialer = ID.from_pubkey(key.public_key).to_bytes()
-        await stream.send(pack({"dialer": dialer, "addrs": [f"/ip4/{ip}/tcp/{p}" for p in ports]}))
+        family = "ip6" if ":" in ip else "ip4"
+        await stream.send(pack({"dialer": dialer, "addrs": [f"/{family}/{ip}/tcp/{p}" for p in ports]}))
         unpack(await stream.receive(max_size=FRAME_CAP, timeout=self.timeout))  # "go"
         reachable = []
         for port in ports:
             if await dial_back(ip, port, peer, key, timeout=self.timeout):
-                reachable.append(f"/ip4/{ip}/tcp/{port}")
+                reachable.append(f"/{family}/{ip}/tcp/{port}")
         self.counts["public" if reachable else "private"] += 1
         logger.info("dial-back peer=%s ip=%s ports=%s reachable=%s", str(ID(peer))[-8:], ip, ports,
                     bool(reachable), extra={"event": "dialback", "reachable": bool(reachable)})
