@@ -129,7 +129,9 @@ def load_experiment(results_dir: Path) -> Experiment:
     rounds = int(e.get("rounds") or done)
     config_models = [str(m) for m in e.get("models") or []]
     models = {f"client-{i}": m for i, m in enumerate(config_models)}
-    models.update({r["client"]: str(r.get("model")) for r in rows if r.get("model")})
+    for r in rows:  # the configured name wins: a skills row holds its per-seed model's cache path
+        if r.get("model"):
+            models.setdefault(r["client"], str(r["model"]))
     clients = tuple(sorted({*models, *(r["client"] for r in rows)}, key=_client_key))
     git = info.get("git") if isinstance(info.get("git"), dict) else {}
     commit = (git["commit"][:12] + (" (dirty)" if git.get("dirty") else "")) if git.get("commit") else None
