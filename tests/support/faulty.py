@@ -88,6 +88,10 @@ class FaultyStream:
         self._lose_next_reply = False
         self.remote_peer = inner.remote_peer
 
+    def __getattr__(self, name: str) -> Any:
+        # the rest of FramedStream (e.g. `raw`, which P2PHost.stream_kind reads) passes through
+        return getattr(self._inner, name)
+
     async def send(self, payload: bytes, *, max_size: int | None = None) -> None:
         await self._dice.delay()
         if self._dice.roll(self._dice.faults.drop_frame, "drop_frame"):
@@ -167,8 +171,9 @@ def faulty_open_host(faults: Faults, log: FaultLog) -> Callable[..., Any]:
     @asynccontextmanager
     async def open_faulty_host(identity: Identity, listen: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",), *,
                                gossip: GossipSettings | None = None,
-                               gate: MemberGate | None = None) -> AsyncIterator[FaultyHost]:
-        async with open_host(identity, listen, gossip=gossip, gate=gate) as host:
+                               gate: MemberGate | None = None, **options: Any) -> AsyncIterator[FaultyHost]:
+        # options: open_host's NAT-traversal keywords (relay, relay_client, hole_punch, ...)
+        async with open_host(identity, listen, gossip=gossip, gate=gate, **options) as host:
             yield FaultyHost(host, _Dice(faults, str(identity.peer_id), log))
 
     return open_faulty_host
