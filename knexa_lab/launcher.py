@@ -264,8 +264,11 @@ def match_line(entry: dict[str, Any], names: dict[str, str]) -> str | None:
     student = names.get(str(entry.get("node")), str(entry.get("node"))[-6:])
     if "reward" not in entry:
         return f"round {entry['round']}: {teacher} -> {student} failed ({entry.get('error', 'no reward')})"
+    # the reward compares the same steps without and with the teacher, in the node's measure
+    measure = str(entry.get("reward_measure", "val_loss")).replace("_", " ")
+    without = entry.get("val_loss_without", entry.get("val_loss_pre"))
     return (f"round {entry['round']}: {teacher} -> {student}  reward {entry['reward']:+.4f}  "
-            f"student val loss {entry['val_loss_pre']:.4f} -> {entry['val_loss_post']:.4f}  "
+            f"student {measure} {without:.4f} without the teacher -> {entry['val_loss_post']:.4f} with it  "
             f"({entry.get('seconds', 0):.0f} s round)")
 
 

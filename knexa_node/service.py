@@ -798,10 +798,14 @@ class NodeService:
         reply = await self.submit(host, report)
         if reply.ok:
             self.metrics.rewards.observe(reward)
-        logger.info("student round=%d teacher=%s loss %.4f -> %.4f (without the teacher %.4f) reward=%.4f cpm=%s",
-                    directive.round, short(teacher), loss_pre, loss_post, loss_without, reward, reply.code)
+        # what the two branches measured: validation loss (the paper) or executed validation error
+        measure = str(getattr(getattr(self.backend, "cfg", None), "reward_measure", "val_loss"))
+        logger.info("student round=%d teacher=%s %s %.4f without the teacher, %.4f with it (val loss before %.4f) "
+                    "reward=%.4f cpm=%s", directive.round, short(teacher), measure, loss_without, loss_post,
+                    loss_pre, reward, reply.code)
         out.update({
-            "val_loss_pre": loss_pre, "val_loss_without": loss_without, "val_loss_post": loss_post, "reward": reward, "package_bytes": nbytes,
+            "val_loss_pre": loss_pre, "val_loss_without": loss_without, "val_loss_post": loss_post,
+            "reward_measure": measure, "reward": reward, "package_bytes": nbytes,
             "items": len(answers), "kd_loss": kd.mean_loss, "reward_ack": reply.code,
             "adapter_before": adapter_before, "adapter_after": self.backend.adapter_fingerprint(),
             "base_before": base_before, "base_after": self.backend.base_fingerprint(),

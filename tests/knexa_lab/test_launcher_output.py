@@ -14,7 +14,11 @@ def test_match_line_says_who_taught_whom_with_the_reward() -> None:
              "val_loss_pre": 1.5, "val_loss_post": 1.25, "seconds": 61.2}
     line = match_line(entry, NAMES)
     assert line is not None
-    assert line.startswith("round 2: node-0 -> node-1") and "+0.0123" in line and "1.5000 -> 1.2500" in line
+    assert line.startswith("round 2: node-0 -> node-1") and "+0.0123" in line
+    assert "val loss 1.5000 without the teacher -> 1.2500 with it" in line
+    executed = match_line({**entry, "reward_measure": "val_error", "val_loss_without": 0.5, "val_loss_post": 0.25},
+                          NAMES)
+    assert executed is not None and "val error 0.5000 without the teacher -> 0.2500 with it" in executed
     assert match_line({**entry, "role": "teacher"}, NAMES) is None
     failed = match_line({"round": 0, "node": "peerB", "partner": "peerA", "role": "student",
                          "error": "package timeout"}, NAMES)
