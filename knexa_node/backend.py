@@ -30,15 +30,18 @@ class TrainReport:
 
 @dataclass(frozen=True, slots=True)
 class Distillation:
-    """A student's Eq. 2 steps on a package, and the validation loss with and without it.
+    """A student's Eq. 2 steps on a package, and the validation measure with and without it.
 
     ``loss_without`` is the counterfactual: the same steps from the same state without the
     teacher's term. ``loss_without - loss_with`` is what the teacher caused (Eq. 3's dL).
+    ``measure`` names what both hold: "val_loss" (validation loss) or "val_error" (1 - executed
+    validation Pass@1), so logs and round records can say which.
     """
 
     report: TrainReport
     loss_without: float
     loss_with: float
+    measure: str = "val_loss"
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,7 +27,7 @@ import trio
 from knexa_p2p.directory import DirectoryError, exchange_records
 from knexa_p2p.host import DialError, GossipSettings, MemberGate, P2PHost, open_host
 from knexa_p2p.identity import Identity
-from knexa_p2p.nat import RelayPolicy
+from knexa_p2p.nat import RelayPolicy, is_circuit
 from knexa_p2p.reach import ReachabilityError, check_reachability, keep_reservation
 from knexa_p2p.streams import FramedStream, StreamBroken
 from knexa_runtime.atomic import atomic_write_json
@@ -285,7 +285,7 @@ class NodeService:
         # a few discovered members, the same ones on every pass: the closest ids by XOR distance.
         # Directly reachable ones only: members behind a NAT (circuit addresses only) are dialled
         # through a relay when a directive pairs us, not kept connected through it for the mesh
-        direct = {p: [a for a in addrs if "/p2p-circuit" not in a] for p, addrs in self.discovered.items()}
+        direct = {p: [a for a in addrs if not is_circuit(a)] for p, addrs in self.discovered.items()}
         near = sorted((p for p in direct if direct[p]),
                       key=lambda p: int.from_bytes(p[-16:], "big") ^ int.from_bytes(self.me[-16:], "big"))
         found = [f"{direct[p][0]}/p2p/{peer_id_str(p)}" for p in near[:DISCOVERED_DIAL_MAX]]
@@ -798,8 +798,7 @@ class NodeService:
         reply = await self.submit(host, report)
         if reply.ok:
             self.metrics.rewards.observe(reward)
-        # what the two branches measured: validation loss (the paper) or executed validation error
-        measure = str(getattr(getattr(self.backend, "cfg", None), "reward_measure", "val_loss"))
+        measure = learned.measure  # validation loss (the paper) or executed validation error
         logger.info("student round=%d teacher=%s %s %.4f without the teacher, %.4f with it (val loss before %.4f) "
                     "reward=%.4f cpm=%s", directive.round, short(teacher), measure, loss_without, loss_post,
                     loss_pre, reward, reply.code)

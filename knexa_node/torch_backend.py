@@ -283,9 +283,7 @@ class TorchBackend:
         problems = self.data.val
         if not problems:
             return 0.0, {}
-        completions = self._generate([p["prompt"] for p in problems], [p["entry_point"] for p in problems],
-                                     greedy=True)
-        passed = [r[0] for r in self._execute(problems, completions)]
+        passed = self._greedy_passes(problems)
         return sum(passed) / len(passed), _by_category(problems, passed)
 
     def validation_error(self) -> float:
@@ -361,7 +359,8 @@ class TorchBackend:
         loss_with = self.reward_loss()
         logger.info("learn round=%d pairs=%d %s without teacher %.4f, with %.4f (%.1fs)", round_idx,
                     report.examples, self.cfg.reward_measure, loss_without, loss_with, time.perf_counter() - t0)
-        return Distillation(report=report, loss_without=loss_without, loss_with=loss_with)
+        return Distillation(report=report, loss_without=loss_without, loss_with=loss_with,
+                            measure=self.cfg.reward_measure)
 
     def kd_steps(self, answers: Sequence[Answer], round_idx: int, total_rounds: int) -> TrainReport:
         """The round's Eq. 2 steps with the teacher's text: :meth:`learn`'s second branch, unmeasured."""
@@ -443,13 +442,15 @@ class TorchBackend:
                 _VERDICTS.pop(next(iter(_VERDICTS)))
         return [[_VERDICTS[k]] for k in keys]
 
-    def pass_by_category(self, problems: Sequence[dict[str, str]]) -> dict[str, float]:
-        """Greedy Pass@1 per category on ``problems`` (the oracle's probe of true skills)."""
-        if not problems:
-            return {}
+    def _greedy_passes(self, problems: Sequence[dict[str, str]]) -> list[bool]:
+        """Whether this node's greedy answer to each problem passes its tests (sandboxed)."""
         completions = self._generate([p["prompt"] for p in problems], [p["entry_point"] for p in problems],
                                      greedy=True)
-        return _by_category(problems, [r[0] for r in self._execute(problems, completions)])
+        return [r[0] for r in self._execute(problems, completions)]
+
+    def pass_by_category(self, problems: Sequence[dict[str, str]]) -> dict[str, float]:
+        """Greedy Pass@1 per category on ``problems`` (the oracle's probe of true skills)."""
+        return _by_category(problems, self._greedy_passes(problems)) if problems else {}
 
     def evaluate_pass_at_k(self, n_samples: int, ks: Sequence[int] = (1, 5, 10), temperature: float = 0.8,
                            *, round_idx: int = 0) -> dict[int, float]:

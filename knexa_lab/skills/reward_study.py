@@ -42,7 +42,8 @@ def _spearman(a: list[float], b: list[float]) -> float:
 
 def _measure(b: Any) -> tuple[float, float, float]:
     """(validation loss, validation error, test Pass@1) of a backend's current state."""
-    return b.validation_loss(), b.validation_error(), b.evaluate(0).pass_at_1
+    ev = b.evaluate(0)  # its report holds the validation loss too
+    return ev.val_loss, b.validation_error(), ev.pass_at_1
 
 
 def run_study(out: Path, seed: int, cache_dir: Path | None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
