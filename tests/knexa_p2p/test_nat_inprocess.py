@@ -26,6 +26,8 @@ from knexa_p2p.nat import (
     dial_back,
     is_circuit,
     new_dialer_key,
+    pack,
+    unpack,
 )
 from knexa_p2p.reach import DIALBACK_PROTOCOL, DialBackService, check_reachability, keep_reservation
 from knexa_p2p.streams import StreamBroken
@@ -187,6 +189,38 @@ async def test_dial_back_says_private_when_the_observed_address_does_not_answer(
         await node.connect(cpm.addrs()[0])
         assert await check_reachability(node, cpm.peer_id) == "private"
         assert node.is_connected(cpm.peer_id) and service.counts["private"] == 1
+
+
+async def test_dial_back_answers_bad_requests_with_an_error_and_keeps_serving():
+    """Malformed ports, ports out of range and a peer the CPM does not count as a member get one
+    error reply each; nothing is dialled, and the next proper request still works."""
+    cpm_id, node_id, stranger_id = ident(), ident(), ident()
+    members = {node_id.peer_bytes}
+    admitted = {node_id.peer_bytes, stranger_id.peer_bytes}  # the gate lets both in; the service does not
+    async with open_host(cpm_id, gate=MemberGate(admitted.__contains__)) as cpm, \
+            open_host(node_id, gate=MemberGate(lambda p: p == cpm.peer_id)) as node, \
+            open_host(stranger_id, gate=MemberGate(lambda p: p == cpm.peer_id)) as stranger:
+        service = DialBackService(cpm, members.__contains__, timeout=3)
+        cpm.set_handler(DIALBACK_PROTOCOL, service.handle)
+        await node.connect(cpm.addrs()[0])
+        await stranger.connect(cpm.addrs()[0])
+
+        async def ask(host, request) -> dict:
+            stream = await host.open_stream(cpm.peer_id, DIALBACK_PROTOCOL, timeout=5)
+            try:
+                if request is not None:
+                    await stream.send(request)
+                return unpack(await stream.receive(max_size=4096, timeout=5))
+            finally:
+                await stream.close()
+
+        assert "bad request" in (await ask(node, pack({"ports": ["http"]})))["error"]
+        assert "bad request" in (await ask(node, pack({"port": 1})))["error"]
+        assert "bad request" in (await ask(node, b"\xc1 not msgpack"))["error"]
+        assert (await ask(node, pack({"ports": [0, 70000]})))["error"] == "no address to dial"
+        assert (await ask(stranger, None))["error"] == "not a member"
+        assert service.counts["refused"] == 1 and service.counts["public"] == service.counts["private"] == 0
+        assert await check_reachability(node, cpm.peer_id) == "public"
 
 
 async def test_reservation_is_renewed_before_it_expires():
