@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["main", "run_study"]
+__all__ = ["main", "run_study", "summarize"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,29 @@ def _measure(b: Any) -> tuple[float, float, float]:
     """(validation loss, validation error, test Pass@1) of a backend's current state."""
     ev = b.evaluate(0)  # its report holds the validation loss too
     return ev.val_loss, b.validation_error(), ev.pass_at_1
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Spearman correlations of each candidate reward with the ground truth (within each student,
+    then averaged; and pooled), and the packages' mean test effect and best-teacher effect."""
+    students = sorted({r["student"] for r in rows})
+    by_student = {s: [r for r in rows if r["student"] == s] for s in students}
+    result: dict[str, Any] = {"pairs": len(rows), "measures": {}}
+    for m in ("d_val_loss", "d_val_error"):
+        within = np.array([[_spearman([r[m] for r in mine], [r[g] for r in mine]) for g in ("d_test_pass", "teachable")]
+                           for mine in by_student.values()])
+        result["measures"][m] = {
+            "within_student_vs_test_gain": float(np.nanmean(within[:, 0])),
+            "within_student_vs_teachable": float(np.nanmean(within[:, 1])),
+            "pooled_vs_test_gain": _spearman([r[m] for r in rows], [r["d_test_pass"] for r in rows]),
+            "pooled_vs_teachable": _spearman([r[m] for r in rows], [r["teachable"] for r in rows]),
+        }
+    result["teachable_vs_test_gain_within_student"] = float(np.nanmean(
+        [_spearman([r["teachable"] for r in mine], [r["d_test_pass"] for r in mine]) for mine in by_student.values()]))
+    result["mean_test_effect"] = float(np.mean([r["d_test_pass"] for r in rows]))
+    result["best_teacher_test_effect"] = float(np.mean([max(r["d_test_pass"] for r in mine)
+                                                        for mine in by_student.values()]))
+    return result
 
 
 def run_study(out: Path, seed: int, cache_dir: Path | None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -86,36 +109,27 @@ def run_study(out: Path, seed: int, cache_dir: Path | None, overrides: dict[str,
     with open(out / f"pairs-seed{seed}.jsonl", "w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
-    result: dict[str, Any] = {"seed": seed, "pairs": len(rows), "measures": {}}
-    for m in ("d_val_loss", "d_val_error"):
-        per_student = []
-        for s in range(len(clients)):
-            mine = [r for r in rows if r["student"] == s]
-            per_student.append([_spearman([r[m] for r in mine], [r[g] for r in mine])
-                                for g in ("d_test_pass", "teachable")])
-        ps = np.array(per_student)
-        result["measures"][m] = {
-            "within_student_vs_test_gain": float(np.nanmean(ps[:, 0])),
-            "within_student_vs_teachable": float(np.nanmean(ps[:, 1])),
-            "pooled_vs_test_gain": _spearman([r[m] for r in rows], [r["d_test_pass"] for r in rows]),
-            "pooled_vs_teachable": _spearman([r[m] for r in rows], [r["teachable"] for r in rows]),
-        }
-    result["teachable_vs_test_gain_within_student"] = float(np.nanmean(
-        [_spearman([r["teachable"] for r in rows if r["student"] == s], [r["d_test_pass"] for r in rows
-                                                                         if r["student"] == s])
-         for s in range(len(clients))]))
+    result = {"seed": seed, **summarize(rows)}
     (out / f"summary-seed{seed}.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=None, help="where the split, pairs and summary go")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a skills preset value, as knexa-lab experiment --set")
+    parser.add_argument("--pairs", type=Path, default=None,
+                        help="only summarize an earlier run's pairs-*.jsonl (no models; prints the summary)")
     args = parser.parse_args(argv)
+    if args.pairs is not None:
+        rows = [json.loads(line) for line in args.pairs.read_text().splitlines() if line.strip()]
+        print(json.dumps(summarize(rows), indent=2))
+        return 0
+    if args.out is None:
+        parser.error("--out is required (unless --pairs summarizes an earlier run)")
     from knexa_lab.experiment.config import parse_overrides
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
