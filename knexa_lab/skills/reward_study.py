@@ -125,8 +125,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="only summarize an earlier run's pairs-*.jsonl (no models; prints the summary)")
     args = parser.parse_args(argv)
     if args.pairs is not None:
-        rows = [json.loads(line) for line in args.pairs.read_text().splitlines() if line.strip()]
-        print(json.dumps(summarize(rows), indent=2))
+        try:
+            rows = [json.loads(line) for line in args.pairs.read_text().splitlines() if line.strip()]
+            summary = summarize(rows)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            parser.error(f"cannot summarize {args.pairs}: {type(exc).__name__}: {exc}")
+        print(json.dumps(summary, indent=2))
         return 0
     if args.out is None:
         parser.error("--out is required (unless --pairs summarizes an earlier run)")

@@ -42,3 +42,8 @@ def test_cli_summarizes_a_pairs_file_without_models(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "knexa_lab.skills.reward_study"], capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and "--out is required" in bad.stderr
+    for content in ("not json\n", json.dumps({"teacher": 1}) + "\n"):
+        pairs.write_text(content)
+        broken = subprocess.run([sys.executable, "-m", "knexa_lab.skills.reward_study", "--pairs", str(pairs)],
+                                capture_output=True, text=True, timeout=120)
+        assert broken.returncode == 2 and "cannot summarize" in broken.stderr and "Traceback" not in broken.stderr
