@@ -51,8 +51,9 @@ seeds, per-client tables, plots).
 Presets: tiny (random tiny models, seconds; the CI test), embedded (4 x SmolLM2-135M on CPU; the
 preset states its measured time), paper (6 clients on the paper's ~0.5B backbones, 20 rounds;
 needs a GPU), skills (the generated benchmark whose ground truth is known: 8 small clients of 3
-families, 12 categories, Oracle-P2P as the upper bound; --quick for its CI-sized variant), or a
-path to your own .toml.
+families, 12 categories, Oracle-P2P as the upper bound; --quick for its CI-sized variant),
+skills-smollm2 (the same benchmark with 4 SmolLM2-135M clients: real models, fewer problems and
+rounds), or a path to your own .toml.
 
 Methods: {methods}.
 
@@ -76,7 +77,7 @@ def _add_experiment(sub: Any) -> None:
         "experiment", help="compare FL methods (Table 4): same split, seeds and budget, with CIs",
         description=_EXPERIMENT_HELP.format(methods=", ".join(method_names())),
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    exp.add_argument("--preset", help="tiny | embedded | paper | skills | path to a .toml preset")
+    exp.add_argument("--preset", help="tiny | embedded | paper | skills | skills-smollm2 | path to a .toml preset")
     exp.add_argument("--quick", action="store_true", help="the preset's CI-sized variant (its [quick] table; "
                      "skills has one)")
     exp.add_argument("--methods", help="comma-separated method names (default: the preset's)")
@@ -123,7 +124,7 @@ def _experiment_config(args: argparse.Namespace) -> tuple[Any, Path, str]:
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{args.resume}: unreadable config.json or run-info.json ({exc})") from exc
     if not args.preset:
-        raise ConfigError("choose --preset tiny|embedded|paper|skills|FILE.toml, or --resume DIR")
+        raise ConfigError("choose --preset tiny|embedded|paper|skills|skills-smollm2|FILE.toml, or --resume DIR")
     overrides = parse_overrides(args.set)
     exp = overrides.setdefault("experiment", {})
     if args.methods:

@@ -49,7 +49,7 @@ __all__ = [
     "resolve_config",
 ]
 
-BUILTIN_PRESETS: tuple[str, ...] = ("tiny", "embedded", "paper", "skills")
+BUILTIN_PRESETS: tuple[str, ...] = ("tiny", "embedded", "paper", "skills", "skills-smollm2")
 _PASSK_WHEN = ("final", "every")
 
 
@@ -145,15 +145,22 @@ class SkillsSection:
     public_examples: int = 3000
     base_steps: int = 400
     client_steps: int = 150
+    #: batch and peak learning rate of both pre-training stages (a real model wants a far lower
+    #: rate than a tiny one: the skills-smollm2 preset sets its own)
+    batch: int = 32
+    lr: float = 3e-3
 
     def __post_init__(self) -> None:
         bad = [k for k in ("train_per_client", "val_per_category", "test_per_category", "transfer_per_category",
-                           "probe_per_category", "hidden", "layers", "public_examples", "base_steps", "client_steps")
+                           "probe_per_category", "hidden", "layers", "public_examples", "base_steps", "client_steps",
+                           "batch")
                if getattr(self, k) < 1]
         if bad:
             raise ValueError(f"{', '.join(bad)} must be >= 1")
         if self.alpha <= 0:
             raise ValueError("alpha must be > 0")
+        if not 0 < self.lr < 1:
+            raise ValueError("lr must be in (0, 1)")
 
     def split_settings(self, clients: int) -> Any:
         """The :class:`knexa_lab.skills.split.SplitSettings` this table describes."""

@@ -129,7 +129,7 @@ def _open_results(out: Path, cfg: ExperimentConfig, mode: str, argv: list[str] |
     data = config_to_dict(cfg)
     cfg_path, info_path = out / CONFIG_FILE, out / RUN_INFO_FILE
     if cfg_path.exists():
-        saved = json.loads(cfg_path.read_text())
+        saved = _with_defaults(json.loads(cfg_path.read_text()))
         diff = _differences(_comparable(saved), _comparable(data))
         if diff:
             raise ExperimentError(f"{out} holds an experiment with another configuration (differs in "
@@ -143,6 +143,17 @@ def _open_results(out: Path, cfg: ExperimentConfig, mode: str, argv: list[str] |
     atomic_write_json(cfg_path, data)
     atomic_write_json(info_path, run_info(preset=cfg.preset, seeds=list(cfg.experiment.seeds), mode=mode,
                                           argv=argv))
+
+
+def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved config with the settings added since it was written at their defaults, so an
+    experiment saved by an older version resumes (the defaults are what it ran with)."""
+    from .config import ConfigError, config_from_dict
+
+    try:
+        return config_to_dict(config_from_dict(saved))
+    except ConfigError:  # an invalid old config is compared as saved, and the difference named
+        return saved
 
 
 def _comparable(data: dict[str, Any]) -> dict[str, Any]:

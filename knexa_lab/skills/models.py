@@ -12,6 +12,10 @@ private shapes a vocabulary): GPT-2 byte-level BPE (512), GPT-NeoX byte-level BP
 Llama-style SentencePiece BPE with byte fallback. Everything is cached on disk under a key of
 (family, seed, settings, shard) and built through :func:`knexa_node.models.build_once`, so
 parallel runs build each model once.
+
+The real-model variant (``skills-smollm2``, preset ``skills-smollm2``) skips the first stage: its
+public base is the embedded SmolLM2-135M-Instruct (:func:`knexa_node.models.prepare_embedded`),
+which already writes Python; each client fine-tunes all of it on its own shard, as above.
 """
 
 from __future__ import annotations
@@ -36,8 +40,12 @@ SKILL_FAMILIES: dict[str, tuple[str, int]] = {"gpt2": ("bytelevel", 512), "gpt_n
                                               "llama": ("llama", 600)}
 
 
+#: the real-model family: its base is the embedded SmolLM2-135M, not trained here
+SMOLLM2 = "smollm2"
+
 #: model names a skills preset lists (one per client) -> family
-SKILL_MODELS: dict[str, str] = {"skills-gpt2": "gpt2", "skills-gptneox": "gpt_neox", "skills-llama": "llama"}
+SKILL_MODELS: dict[str, str] = {"skills-gpt2": "gpt2", "skills-gptneox": "gpt_neox", "skills-llama": "llama",
+                                "skills-smollm2": SMOLLM2}
 
 
 def skills_family(name: str) -> str:
@@ -128,14 +136,32 @@ def build_base(family: str, cache: Path, seed: int, s: PretrainSettings) -> Path
     return build_once(target, build)
 
 
+#: the settings a SmolLM2 client depends on (it has no first stage, so the rest cannot change it)
+_CLIENT_STAGE = ("client_steps", "batch", "lr", "threads")
+
+
+def base_model(family: str, cache: Path, s: PretrainSettings) -> Path:
+    """The public base a client of ``family`` starts from: one for all seeds, like a real LLM.
+
+    ``cache`` is the skills cache (``<cache_dir>/skills``); the embedded SmolLM2 is converted
+    into its parent, where every other command finds it too.
+    """
+    if family == SMOLLM2:
+        from knexa_node.models import prepare_embedded
+
+        return prepare_embedded(Path(cache).parent)
+    return build_base(family, cache, 0, s)
+
+
 def build_client_model(family: str, train: Sequence[dict[str, str]], cache: Path, seed: int,
                        s: PretrainSettings) -> Path:
     """A client's own model: its family's base fine-tuned on its private shard, cached."""
     from knexa_node.models import build_once
 
-    base = build_base(family, cache, 0, s)  # the public base is one for all seeds, like a real LLM
+    base = base_model(family, cache, s)
     shard = [(p["prompt"], p["canonical_solution"]) for p in train]
-    target = Path(cache) / f"client-{family}-{model_key(family, seed, asdict(s), shard)}"
+    settings = asdict(s) if family != SMOLLM2 else {k: v for k, v in asdict(s).items() if k in _CLIENT_STAGE}
+    target = Path(cache) / f"client-{family}-{model_key(family, seed, settings, shard)}"
 
     def build(out: Path) -> None:
         import torch
