@@ -199,15 +199,28 @@ class _CountingWriter:
         return getattr(self._stream, name)
 
 
+class _PerPeerCircuits(dict):
+    """py-libp2p 0.8.1 files each circuit under its two peers' ids (`_active_relays[peer]`, the
+    last circuit wins) and, when a circuit ends, closes whatever is filed under those ids then: with
+    two circuits to one member (or from one), the end of the first closed the second. The table
+    still serves the library's shutdown clean-up, but its per-peer look-up finds nothing:
+    `MemberRelay._relay_data` closes each circuit's own streams."""
+
+    def __contains__(self, key: object) -> bool:
+        return False
+
+
 class MemberRelay(CircuitV2Protocol):
     """Circuit relay v2 hop service for members only, with counters."""
 
     def __init__(self, host: IHost, policy: RelayPolicy, is_member: Callable[[bytes], bool]) -> None:
         super().__init__(host, limits=policy.limits(), allow_hop=True)
+        self._active_relays = _PerPeerCircuits()
         self.policy = policy
         self.is_member = is_member
         self.bytes_relayed = 0
         self.counts: Counter[str] = Counter()
+        self._circuits: Counter[bytes] = Counter()  # member -> circuits to it, open or being opened
 
     async def _handle_hop_stream(self, stream: INetStream) -> None:
         """One request per hop stream (RESERVE or CONNECT), as go and rust relays do.
@@ -261,10 +274,26 @@ class MemberRelay(CircuitV2Protocol):
 
     async def _handle_connect(self, stream: INetStream, msg: HopMessage) -> None:
         self.counts["circuits"] += 1
+        dst = bytes(msg.peer.id)
         logger.info("relay circuit src=%s dst=%s", str(stream.muxed_conn.peer_id)[-8:],
-                    str(ID(msg.peer.id))[-8:], extra={"event": "relay_circuit"})
+                    str(ID(dst))[-8:], extra={"event": "relay_circuit"})
         try:
-            await super()._handle_connect(stream, msg)
+            # py-libp2p checks the member's circuit count before it dials the member and counts
+            # the circuit only after the stop handshake: concurrent requests all passed the check
+            # (5 of 5 got through a limit of 2). Count each circuit from its request on.
+            if self._circuits[dst] >= self.policy.max_circuits_per_peer:
+                self.counts["refused_circuit_limit"] += 1
+                logger.warning("relay refused circuit dst=%s reason=circuit_limit", str(ID(dst))[-8:],
+                               extra={"event": "relay_refused", "reason": "circuit_limit"})
+                await self._refuse(stream, StatusCode.RESOURCE_LIMIT_EXCEEDED)
+                return
+            self._circuits[dst] += 1
+            try:
+                await super()._handle_connect(stream, msg)
+            finally:
+                self._circuits[dst] -= 1
+                if self._circuits[dst] <= 0:
+                    del self._circuits[dst]
         finally:
             self.counts["circuits_closed"] += 1
 
@@ -272,8 +301,12 @@ class MemberRelay(CircuitV2Protocol):
                           deadline: float | None = None, circuit_data_limit: list[int] | None = None) -> None:
         # count what is forwarded (written on), not what is read: the chunk that crosses the
         # byte limit is read and then dropped
-        await super()._relay_data(src_stream, _CountingWriter(dst_stream, self), peer_id, deadline,
-                                  circuit_data_limit)
+        try:
+            await super()._relay_data(src_stream, _CountingWriter(dst_stream, self), peer_id, deadline,
+                                      circuit_data_limit)
+        finally:  # this circuit's streams, not the ones filed under the peer (`_PerPeerCircuits`)
+            await self._close_stream(src_stream)
+            await self._close_stream(dst_stream)
 
     def summary(self) -> dict[str, Any]:
         return {"bytes_relayed": self.bytes_relayed, "active_reservations": len(self.resource_manager._reservations),

@@ -8,6 +8,7 @@ end to end over Noise inside the circuit (the relay counts the bytes it forwarde
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import socket
@@ -130,6 +131,107 @@ async def test_relay_cuts_a_circuit_at_its_byte_limit():
             while a.is_connected(b.peer_id):
                 await trio.sleep(0.05)
         assert cpm.relay.summary()["bytes_relayed"] <= 256 * 1024
+
+
+async def _echoes(src, dst) -> bool:
+    stream = await src.open_stream(dst.peer_id, "/t/echo", timeout=5)
+    try:
+        await stream.send(b"ping")
+        return await stream.receive(max_size=64, timeout=5) == b"ping"
+    finally:
+        await stream.close()
+
+
+def _open_circuits(relay) -> int:
+    summary = relay.summary()
+    return summary.get("circuits", 0) - summary.get("circuits_closed", 0)
+
+
+def test_relay_allows_each_member_8_circuits_by_default():
+    assert RelayPolicy().max_circuits_per_peer == 8
+    assert RelayPolicy().limits().max_circuit_conns == 8
+
+
+async def test_relay_caps_the_circuits_to_a_member_and_keeps_serving():
+    """The per-member circuit limit (8 by default; 2 here) counts the circuits open to a member that
+    holds a reservation. Up to the limit they all carry streams; the next is refused at once with
+    RESOURCE_LIMIT_EXCEEDED; closing one frees a slot without disturbing its siblings; another
+    member is reached meanwhile."""
+    cpm_id, b_id, c_id, a1_id, a2_id, a3_id = (ident() for _ in range(6))
+    members = {i.peer_bytes for i in (b_id, c_id, a1_id, a2_id, a3_id)}
+    policy = RelayPolicy(max_circuits_per_peer=2)
+    async with open_host(cpm_id, gate=MemberGate(members.__contains__), relay=policy) as cpm, \
+            open_host(b_id, relay_client=True) as b, open_host(c_id, relay_client=True) as c, \
+            open_host(a1_id, relay_client=True) as a1, open_host(a2_id, relay_client=True) as a2, \
+            open_host(a3_id, relay_client=True) as a3:
+        addr, relay = cpm.addrs()[0], cpm.peer_id
+        for target in (b, c):
+            target.set_handler("/t/echo", _echo)
+            await target.connect(addr)
+            await target.relay_client.reserve(addr, relay)
+        for source in (a1, a2, a3):
+            await source.connect(addr)
+        circuits = {}
+        for source in (a1, a2):  # up to the limit: each circuit carries streams
+            circuits[source] = await source.relay_client.dial(relay, b.peer_id, timeout=10)
+            assert await _echoes(source, b)
+        assert _open_circuits(cpm.relay) == 2
+
+        with trio.fail_after(5), pytest.raises(RelayError, match="RESOURCE_LIMIT_EXCEEDED"):
+            await a3.relay_client.dial(relay, b.peer_id, timeout=10)
+        assert cpm.relay.summary()["refused_circuit_limit"] == 1 and not a3.is_connected(b.peer_id)
+        # the relay keeps serving: a3 reaches another member, and b's two circuits still work
+        await a3.relay_client.dial(relay, c.peer_id, timeout=10)
+        assert await _echoes(a3, c)
+        assert await _echoes(a1, b) and await _echoes(a2, b)
+
+        await circuits[a1].close()
+        with trio.fail_after(10):
+            while _open_circuits(cpm.relay) > 2:  # a2 -> b and a3 -> c remain
+                await trio.sleep(0.05)
+        # closing a1's circuit left a2's alone (py-libp2p 0.8.1 closed whichever circuit to b was
+        # filed last, see nat._PerPeerCircuits; a2's went within ~0.4 s)
+        await trio.sleep(1.0)
+        assert a2.is_connected(b.peer_id) and _open_circuits(cpm.relay) == 2
+        # the slot is free again
+        await a3.relay_client.dial(relay, b.peer_id, timeout=10)
+        assert await _echoes(a3, b) and await _echoes(a2, b) and await _echoes(a3, c)
+        assert _open_circuits(cpm.relay) == 3 and cpm.relay.summary()["refused_circuit_limit"] == 1
+
+
+async def test_relay_circuit_limit_holds_for_simultaneous_requests():
+    # py-libp2p counts a circuit only once the member answered; requests that arrive together
+    # all passed its check. The relay counts each one from its request on.
+    cpm_id, b_id, *source_ids = (ident() for _ in range(6))
+    members = {i.peer_bytes for i in (b_id, *source_ids)}
+    async with open_host(cpm_id, gate=MemberGate(members.__contains__),
+                         relay=RelayPolicy(max_circuits_per_peer=2)) as cpm, \
+            open_host(b_id, relay_client=True) as b, contextlib.AsyncExitStack() as stack:
+        sources = [await stack.enter_async_context(open_host(i, relay_client=True)) for i in source_ids]
+        addr, relay = cpm.addrs()[0], cpm.peer_id
+        b.set_handler("/t/echo", _echo)
+        await b.connect(addr)
+        await b.relay_client.reserve(addr, relay)
+        for source in sources:
+            await source.connect(addr)
+        outcomes: dict[str, list] = {"ok": [], "refused": []}
+
+        async def dial(source) -> None:
+            try:
+                await source.relay_client.dial(relay, b.peer_id, timeout=10)
+                outcomes["ok"].append(source)
+            except RelayError as exc:
+                assert "RESOURCE_LIMIT_EXCEEDED" in str(exc)
+                outcomes["refused"].append(source)
+
+        with trio.fail_after(15):
+            async with trio.open_nursery() as nursery:
+                for source in sources:
+                    nursery.start_soon(dial, source)
+        assert len(outcomes["ok"]) == 2 and len(outcomes["refused"]) == 2
+        for source in outcomes["ok"]:
+            assert await _echoes(source, b)
+        assert cpm.relay.summary()["refused_circuit_limit"] == 2
 
 
 async def test_relay_checks_membership_again_on_every_hop_stream():
