@@ -20,11 +20,7 @@ from knexa_p2p.directory import (
     open_record,
 )
 from knexa_p2p.host import MemberGate, open_host
-from knexa_p2p.identity import Identity
-
-
-def ident() -> Identity:
-    return Identity.from_seed(os.urandom(32))
+from tests.support.identities import ident
 
 
 async def _echo(stream) -> None:

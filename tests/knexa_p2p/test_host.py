@@ -6,12 +6,9 @@ import pytest
 import trio
 
 from knexa_p2p.host import DialError, GossipSettings, open_host
-from knexa_p2p.identity import Identity, IdentityError, load_or_create_identity
+from knexa_p2p.identity import IdentityError, load_or_create_identity
 from knexa_p2p.streams import StreamBroken
-
-
-def ident() -> Identity:
-    return Identity.from_seed(os.urandom(32))
+from tests.support.identities import ident
 
 
 async def test_framed_echo_large_payload_and_pubsub():

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import trio
@@ -21,10 +20,7 @@ from knexa_node.service import NodeService
 from knexa_p2p.host import DialError, GossipSettings, MemberGate, open_host
 from knexa_p2p.identity import Identity, load_or_create_kem_key
 from tests.support.fake_backend import FakeBackend
-
-
-def ident() -> Identity:
-    return Identity.from_seed(os.urandom(32))
+from tests.support.identities import ident
 
 
 async def _wait(pred, timeout: float = 10.0) -> bool:

@@ -19,7 +19,6 @@ from prometheus_client import generate_latest
 
 from knexa_p2p.directory import PEERS_PROTOCOL, PeerDirectory, exchange_records
 from knexa_p2p.host import MemberGate, open_host
-from knexa_p2p.identity import Identity
 from knexa_p2p.nat import (
     RelayError,
     RelayPolicy,
@@ -33,10 +32,7 @@ from knexa_p2p.nat import (
 from knexa_p2p.reach import DIALBACK_PROTOCOL, DialBackService, check_reachability, keep_reservation
 from knexa_p2p.streams import StreamBroken
 from knexa_runtime.metrics import DaemonMetrics
-
-
-def ident() -> Identity:
-    return Identity.from_seed(os.urandom(32))
+from tests.support.identities import ident
 
 
 async def _echo(stream) -> None:

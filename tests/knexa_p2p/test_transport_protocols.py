@@ -6,8 +6,6 @@ streams) and its default host also offers plaintext; a client that speaks only t
 
 from __future__ import annotations
 
-import os
-
 import multiaddr
 import pytest
 import trio
@@ -23,12 +21,9 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 
 from knexa_p2p.host import MUXER_PROTOCOLS, SECURITY_PROTOCOLS, open_host
 from knexa_p2p.identity import Identity
+from tests.support.identities import ident
 
 MULTISTREAM = "/multistream/1.0.0"
-
-
-def ident() -> Identity:
-    return Identity.from_seed(os.urandom(32))
 
 
 def _frame(text: str) -> bytes:

@@ -1,1 +1,1 @@
-"""Test support: a fake model backend and helpers for daemons in subprocesses."""
+"""Test support: a fake model backend, helpers for daemons in subprocesses, peer identities."""
