@@ -31,7 +31,8 @@ from typing import Any
 
 from .problems import public_corpus
 
-__all__ = ["PretrainSettings", "SKILL_FAMILIES", "build_base", "build_client_model", "model_key", "skills_family"]
+__all__ = ["PretrainSettings", "SKILL_FAMILIES", "SMOLLM2", "base_model", "build_base", "build_client_model",
+           "client_model_dir", "model_key", "skills_family"]
 
 logger = logging.getLogger(__name__)
 
@@ -153,15 +154,25 @@ def base_model(family: str, cache: Path, s: PretrainSettings) -> Path:
     return build_base(family, cache, 0, s)
 
 
+def _shard(train: Sequence[dict[str, str]]) -> list[tuple[str, str]]:
+    return [(p["prompt"], p["canonical_solution"]) for p in train]
+
+
+def client_model_dir(family: str, train: Sequence[dict[str, str]], cache: Path, seed: int,
+                     s: PretrainSettings) -> Path:
+    """Where a client's model is cached: keyed by everything it depends on, and nothing else."""
+    settings = asdict(s) if family != SMOLLM2 else {k: v for k, v in asdict(s).items() if k in _CLIENT_STAGE}
+    return Path(cache) / f"client-{family}-{model_key(family, seed, settings, _shard(train))}"
+
+
 def build_client_model(family: str, train: Sequence[dict[str, str]], cache: Path, seed: int,
                        s: PretrainSettings) -> Path:
     """A client's own model: its family's base fine-tuned on its private shard, cached."""
     from knexa_node.models import build_once
 
     base = base_model(family, cache, s)
-    shard = [(p["prompt"], p["canonical_solution"]) for p in train]
-    settings = asdict(s) if family != SMOLLM2 else {k: v for k, v in asdict(s).items() if k in _CLIENT_STAGE}
-    target = Path(cache) / f"client-{family}-{model_key(family, seed, settings, shard)}"
+    shard = _shard(train)
+    target = client_model_dir(family, train, cache, seed, s)
 
     def build(out: Path) -> None:
         import torch

@@ -121,3 +121,22 @@ def test_resume_of_a_finished_experiment_only_rebuilds_the_report(capsys, refere
 def test_rerunning_with_another_config_into_the_same_directory_is_refused(capsys, reference_run):
     _one_line_error(capsys, 2, ["experiment", "--preset", "tiny", "--out", str(reference_run.out), "--no-progress"],
                     "holds an experiment with another configuration (differs in experiment.methods")
+
+
+def test_an_experiment_saved_before_a_setting_existed_resumes_with_its_default(tmp_path):
+    from knexa_lab.experiment.config import config_to_dict, resolve_config
+    from knexa_lab.experiment.engine import ExperimentError, _open_results
+
+    cfg = resolve_config("skills", quick=True)
+    saved = config_to_dict(cfg)
+    for key in ("batch", "lr"):  # added to [skills] after experiments had been saved without them
+        del saved["skills"][key]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    (tmp_path / "run-info.json").write_text(json.dumps({"mode": "sim"}))
+    _open_results(tmp_path, cfg, "sim", None)
+    assert len(json.loads((tmp_path / "run-info.json").read_text())["resumed"]) == 1
+
+    saved["skills"]["client_steps"] += 1  # a real difference is still refused, and named
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ExperimentError, match=r"differs in skills\.client_steps\)"):
+        _open_results(tmp_path, cfg, "sim", None)
