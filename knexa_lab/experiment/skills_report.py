@@ -9,7 +9,11 @@ HumanEval report is unchanged. Everything is computed from ``metrics.jsonl``:
   skill[t, c] - skill[s, c])`` from both clients' test skills of the round before (round 1 uses
   round 1), averaged over a method's pairs: how close a matchmaker's choices are to the oracle's;
 - *oracle fraction*: how much of Oracle-P2P's gain over Random-P2P KNEXA-FL reaches,
-  ``mean_s(K - R) / mean_s(O - R)`` over seeds, for final Pass@1 and for the Pass@1 AUC.
+  ``mean_s(K - R) / mean_s(O - R)`` over seeds, for final Pass@1 and for the Pass@1 AUC;
+- *reward signal*: per seed, the Spearman correlation between the reward each student reported
+  and the change of its test Pass@1 in that round, over a method's student rows: whether what the
+  matchmaker learns from tracks what it should maximise, as the run went (the reward study,
+  ``knexa_lab.skills.reward_study``, asks the same of all teachers of one student in one state).
 """
 
 from __future__ import annotations
@@ -29,8 +33,8 @@ from .stats import mean_ci, paired_difference
 if TYPE_CHECKING:
     from .report import Experiment
 
-__all__ = ["has_skills", "oracle_fraction", "pair_quality", "skill_matrix", "skills_markdown", "skills_plots",
-           "skills_summary"]
+__all__ = ["has_skills", "oracle_fraction", "pair_quality", "reward_signal", "skill_matrix", "skills_markdown",
+           "skills_plots", "skills_summary"]
 
 SKILLS_MD = "skills.md"
 _SHORT = {c: c.split("_")[0][:6] for c in CATEGORIES}
@@ -77,6 +81,29 @@ def pair_quality(exp: Experiment, method: str) -> dict[int, float]:
     return {seed: float(np.mean(g)) for seed, g in gains.items()}
 
 
+def reward_signal(exp: Experiment, method: str) -> dict[int, float]:
+    """seed -> Spearman(reward, the student's test Pass@1 change that round) over its student rows.
+
+    Seeds with fewer than 3 rewarded rows, or where either side is constant, are left out.
+    """
+    from scipy.stats import spearmanr
+
+    rows = [r for r in exp.rows if r["method"] == method]
+    by_key = {(r["seed"], r["round"], r["client"]): r for r in rows}
+    pairs: dict[int, list[tuple[float, float]]] = defaultdict(list)
+    for r in rows:
+        before = by_key.get((r["seed"], r["round"] - 1, r["client"]))
+        if r.get("role") != "student" or r.get("reward") is None or before is None:
+            continue
+        pairs[r["seed"]].append((float(r["reward"]), float(r["pass_at_1"]) - float(before["pass_at_1"])))
+    out = {}
+    for seed, xy in sorted(pairs.items()):
+        x, y = zip(*xy, strict=True)
+        if len(xy) >= 3 and len(set(x)) > 1 and len(set(y)) > 1:
+            out[seed] = float(spearmanr(x, y).statistic)
+    return out
+
+
 def oracle_fraction(results: Sequence[tables.MethodResult], method: str = "knexa-fl",
                     metric: str = "pass_at_1") -> dict[str, Any] | None:
     """The fraction of Oracle-P2P's gain over Random-P2P that ``method`` reaches, paired by seed."""
@@ -97,11 +124,13 @@ def oracle_fraction(results: Sequence[tables.MethodResult], method: str = "knexa
 def skills_summary(exp: Experiment, results: Sequence[tables.MethodResult]) -> dict[str, Any]:
     methods = [r.name for r in results]
     quality = {m: pair_quality(exp, m) for m in methods}
+    signal = {m: reward_signal(exp, m) for m in methods}
     return {
         "categories": list(CATEGORIES),
         "skill_matrix": {m: {"after_round_1": _list(skill_matrix(exp, m, 1)), "final": _list(skill_matrix(exp, m))}
                          for m in methods},
         "pair_quality": {m: {**mean_ci(list(q.values())).to_dict(), "per_seed": q} for m, q in quality.items() if q},
+        "reward_signal": {m: {**mean_ci(list(q.values())).to_dict(), "per_seed": q} for m, q in signal.items() if q},
         "oracle_fraction": [f for f in (oracle_fraction(results, m, metric)
                                         for m in ("knexa-fl", "knexa-fl-concat", "knexa-fl-hybrid", "heuristic-p2p")
                                         for metric in ("pass_at_1", "auc_pass_at_1")) if f],
@@ -142,6 +171,16 @@ def skills_markdown(exp: Experiment, results: Sequence[tables.MethodResult], sum
         for m, q in quality.items():
             hw = f" ± {q['half_width']:.3f}" if q.get("half_width") is not None else ""
             out.append(f"| {tables.label(m)} | {q['mean']:.3f}{hw} | {q['n']} |")
+        out.append("")
+    signal = summary.get("reward_signal", {})
+    if signal:
+        out += ["## Does the reward track the student's real gain?", "",
+                "Spearman correlation, per seed, between the reward each student reported and the change "
+                "of its test Pass@1 in that round; mean and 95% t interval over seeds. Near 0: the "
+                "matchmaker learns from noise.", "", "| method | Spearman(reward, ΔPass@1) | n |", "|---|---|---|"]
+        for m, q in signal.items():
+            hw = f" ± {q['half_width']:.2f}" if q.get("half_width") is not None else ""
+            out.append(f"| {tables.label(m)} | {q['mean']:+.2f}{hw} | {q['n']} |")
         out.append("")
     fractions = summary.get("oracle_fraction", [])
     if fractions:
