@@ -37,7 +37,15 @@ from ._errors import (
 )
 from ._framing import HEADER_LEN, NEED_DATA, FrameDecoder, encode_frame
 from ._ids import CPM_PROTOCOL, KD_PROTOCOL, PROTOCOL_VERSION, directive_topic
-from ._layout import CATEGORIES, FAMILIES, FAMILY_SLICE, HIST_SLICE, PERF_SLICE, PROFILE_DIM
+from ._layout import (
+    CATEGORIES,
+    FAMILIES,
+    FAMILY_SLICE,
+    HIST_SLICE,
+    PERF_SLICE,
+    PROFILE_DIM,
+    SKILLS_DIM,
+)
 from ._limits import FRAME_CAPS, MAX_FRAME
 from ._messages import (
     MESSAGE_TYPES,
@@ -73,7 +81,7 @@ __all__ = [
     "DirectiveRequest", "FAMILIES", "FAMILY_SLICE", "FRAME_CAPS", "FrameDecoder", "HEADER_LEN",
     "HIST_SLICE", "Hello", "KD_PROTOCOL", "LocalProtocolError", "MAX_FRAME", "MESSAGE_TYPES",
     "Match", "MatchDirective", "Message", "NEED_DATA", "OversizeError", "PERF_SLICE",
-    "PROFILE_DIM", "PROTOCOL_VERSION", "PackageBody", "PackageItem", "Profile", "ProtocolError",
+    "PROFILE_DIM", "PROTOCOL_VERSION", "SKILLS_DIM", "PackageBody", "PackageItem", "Profile", "ProtocolError",
     "RemoteProtocolError", "Reply", "ReplyCode", "ReplayError", "RewardReport", "SealedPackage",
     "SignatureError", "Signed", "UnauthorizedError",
     "PUBLIC_SET_PROTOCOL", "PublicSetAnnounce", "PublicSetBundle", "PublicSetChunk", "PublicSetFetch",

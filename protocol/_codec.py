@@ -30,9 +30,17 @@ def _schema(cls: type[Message]) -> tuple[tuple[str, Any], ...]:
     return tuple((f.name, hints[f.name]) for f in fields(cls))  # type: ignore[arg-type]
 
 
+@cache
+def _defaults(cls: type[Message]) -> dict[str, Any]:
+    """The defaults of `cls.OPTIONAL` fields (what an absent optional field decodes to)."""
+    return {f.name: f.default for f in fields(cls) if f.name in cls.OPTIONAL}  # type: ignore[arg-type]
+
+
 def _to_wire(value: Any) -> Any:
     if isinstance(value, Message):
-        return {name: _to_wire(getattr(value, name)) for name, _ in _schema(type(value))}
+        skip = _defaults(type(value))
+        return {name: _to_wire(getattr(value, name)) for name, _ in _schema(type(value))
+                if name not in skip or getattr(value, name) != skip[name]}
     if isinstance(value, tuple):
         return [_to_wire(v) for v in value]
     return value
@@ -84,10 +92,11 @@ def _build(cls: type[M], raw: Any, where: str) -> M:
         raise DecodeError(f"{where}: expected map for {cls.TYPE}")
     schema = _schema(cls)
     names = {name for name, _ in schema}
-    if set(raw) != names:
-        missing, extra = names - set(raw), set(raw) - names
+    optional = _defaults(cls)
+    if not set(raw) <= names or not names - set(optional) <= set(raw):
+        missing, extra = names - set(optional) - set(raw), set(raw) - names
         raise DecodeError(f"{where}: {cls.TYPE} missing {sorted(missing)} / unknown {sorted(map(str, extra))}")
-    kwargs = {name: _convert(raw[name], typ, f"{where}.{name}") for name, typ in schema}
+    kwargs = {name: _convert(raw[name], typ, f"{where}.{name}") for name, typ in schema if name in raw}
     try:
         return cls(**kwargs)
     except LocalProtocolError as exc:

@@ -13,6 +13,7 @@ __all__ = [
     "HIST_SLICE",
     "PERF_SLICE",
     "PROFILE_DIM",
+    "SKILLS_DIM",
 ]
 
 #: Backbone families, one-hot in the first 8 dims. "other" catches every unknown architecture.
@@ -29,6 +30,9 @@ FAMILY_SLICE = slice(0, 8)
 PERF_SLICE = slice(8, 20)
 HIST_SLICE = slice(20, 32)
 PROFILE_DIM = 32
+#: An optional field beside the 32 dims (a KNEXA addition, not the paper's): the node's greedy
+#: Pass@1 per category on its own validation problems, in CATEGORIES order; empty = not shared.
+SKILLS_DIM = len(CATEGORIES)
 
 assert len(FAMILIES) == FAMILY_SLICE.stop - FAMILY_SLICE.start
 assert len(CATEGORIES) == HIST_SLICE.stop - HIST_SLICE.start

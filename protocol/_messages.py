@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 from typing import ClassVar
 
 from ._errors import LocalProtocolError
-from ._layout import PROFILE_DIM
+from ._layout import PROFILE_DIM, SKILLS_DIM
 from ._limits import (
     BUNDLE_CHUNK,
     MAX_ANSWER_CHARS,
@@ -107,6 +107,10 @@ class Message:
     """Base of every wire message; `TYPE` is the tag in the encoded map."""
 
     TYPE: ClassVar[str] = ""
+    #: fields added after the message shipped: left off the wire while they hold their default
+    #: and read as the default when absent, so peers of either version still understand the
+    #: message as long as the new field is not used
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset()
 
     def field_values(self) -> dict[str, object]:
         return {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
@@ -131,13 +135,17 @@ class Hello(Message):
 
 @dataclass(frozen=True, slots=True)
 class Profile(Message):
-    """A node's sanitized 32-dim profile for one round (SPEC "Context")."""
+    """A node's sanitized 32-dim profile for one round (SPEC "Context"), and optionally its
+    sanitized validation Pass@1 per category (`skills`, SKILLS_DIM values in [0, 1]; empty when
+    the node does not share it, and then absent from the wire)."""
 
     TYPE: ClassVar[str] = "profile"
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"skills"})
     federation: str
     round: int
     node: bytes
     vector: tuple[float, ...]
+    skills: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         _check_federation(Profile, self.federation)
@@ -147,6 +155,10 @@ class Profile(Message):
             _fail(Profile, f"vector must have {PROFILE_DIM} values, got {len(self.vector)}")
         for i, x in enumerate(self.vector):
             _check_finite(Profile, f"vector[{i}]", x, *PROFILE_RANGE)
+        if len(self.skills) not in (0, SKILLS_DIM):
+            _fail(Profile, f"skills must have {SKILLS_DIM} values or none, got {len(self.skills)}")
+        for i, x in enumerate(self.skills):
+            _check_finite(Profile, f"skills[{i}]", x, 0.0, 1.0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -90,3 +90,32 @@ def test_directive_invariants():
     with pytest.raises(P.LocalProtocolError):  # self pair
         P.Match(d1, a, a)
     assert math.isfinite(P.MatchDirective("f", 1, c, 1.0, (), ()).issued_at)
+
+
+def test_profile_skills_are_optional_on_the_wire_both_ways():
+    """A node that shares no skills sends exactly what a node without the field sent, so peers of
+    either version understand it; a node that shares them round-trips them."""
+    plain, shared = profile(), profile(skills=tuple([0.5] * P.SKILLS_DIM))
+    wire = msgpack.unpackb(P.encode(plain))
+    assert "skills" not in wire["f"]
+    assert P.decode(P.encode(plain)).skills == ()
+    assert P.decode(P.encode(shared)) == shared
+    assert msgpack.unpackb(P.encode(shared))["f"]["skills"] == [0.5] * P.SKILLS_DIM
+    # a profile as an older node encodes it (no "skills" key at all) is still a valid profile
+    old = {"v": wire["v"], "t": "profile", "f": {k: v for k, v in wire["f"].items() if k != "skills"}}
+    assert P.decode(msgpack.packb(old, use_bin_type=True)) == plain
+    # a required field is still required, and an unknown one still refused
+    for broken in ({k: v for k, v in wire["f"].items() if k != "vector"}, {**wire["f"], "extra": 1}):
+        with pytest.raises(P.DecodeError, match="missing|unknown"):
+            P.decode(msgpack.packb({**old, "f": broken}, use_bin_type=True))
+
+
+@pytest.mark.parametrize("skills", [(0.5,) * 11, (0.5,) * 13, (0.5,) * 11 + (1.5,), (0.5,) * 11 + (-0.1,),
+                                    (0.5,) * 11 + (float("nan"),)])
+def test_profile_rejects_malformed_skills_locally_and_from_the_wire(skills):
+    with pytest.raises(P.LocalProtocolError, match="skills"):
+        profile(skills=skills)
+    wire = msgpack.unpackb(P.encode(profile()))
+    wire["f"]["skills"] = list(skills)
+    with pytest.raises(P.DecodeError, match="skills"):
+        P.decode(msgpack.packb(wire, use_bin_type=True))
