@@ -95,6 +95,12 @@ class ModelBackend(Protocol):
         """Validation loss/perplexity plus Pass@1 and CodeBLEU on the global test subset."""
         ...
 
+    def validation_skills(self) -> tuple[float, dict[str, float]]:
+        """(greedy Pass@1, {category: Pass@1}) on the node's private validation problems, executed
+        in the sandbox. Categories without a validation problem are absent from the dict. Only
+        called when the node shares its skills (``share_skills``)."""
+        ...
+
     def category_histogram(self) -> np.ndarray:
         """Normalised 12-bin histogram of the node's training shard over protocol.CATEGORIES."""
         ...

@@ -46,6 +46,12 @@ class NodeSection:
     profile_decimals: int = 2
     profile_epsilon: float = 100.0
     profile_epsilon_budget: float = 5000.0
+    #: also send the node's validation Pass@1 per category ("skills", 12 values, sanitized like the
+    #: profile) for the CPM's hybrid matching policy, which predicts a teacher's use far better from
+    #: them than from the data histogram. Off by default: they reveal where this node is strong,
+    #: and each round's skills are one more noised release (a second profile_epsilon per round,
+    #: so the budget lasts half as many rounds). docs/security.md "Profile privacy"
+    share_skills: bool = False
     #: evaluate once more after the last round (for the final summary)
     final_eval: bool = True
     log_level: str = "INFO"

@@ -42,25 +42,41 @@ sequential composition), the spent total is persisted with the node's state, and
 release would exceed the budget the node stops releasing fresh dynamic features and re-sends the
 last noised ones (post-processing of an earlier release, which costs nothing). See
 docs/security.md "Profile privacy" for the defaults and the measured utility curve.
+
+Skills (optional, ``share_skills``): the node's greedy Pass@1 per category on its own validation
+problems, 12 values in [0, 1] in ``protocol.CATEGORIES`` order (:func:`skills_vector`), sent in
+``Profile.skills`` beside the 32 dims. They are sanitized the same way (:func:`sanitize_skills`,
+L1 sensitivity :data:`SKILLS_SENSITIVITY` = 12) and metered as a separate release composed
+sequentially with the profile's (:meth:`PrivacyAccountant.release_skills`): sharing them costs a
+second ``epsilon`` each round.
 """
 
 from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from protocol import CATEGORIES, FAMILIES, FAMILY_SLICE, HIST_SLICE, PERF_SLICE, PROFILE_DIM
+from protocol import (
+    CATEGORIES,
+    FAMILIES,
+    FAMILY_SLICE,
+    HIST_SLICE,
+    PERF_SLICE,
+    PROFILE_DIM,
+    SKILLS_DIM,
+)
 
 __all__ = [
     "DEFAULT_EPSILON",
     "DEFAULT_EPSILON_BUDGET",
     "LOWER",
     "PERF_FEATURES",
+    "SKILLS_SENSITIVITY",
     "UPPER",
     "PerfPoint",
     "PrivacyAccountant",
@@ -69,6 +85,8 @@ __all__ = [
     "laplace_noise",
     "laplace_sensitivity",
     "sanitize_profile",
+    "sanitize_skills",
+    "skills_vector",
 ]
 
 #: Names of the 12 performance dims, in order (see the table above).
@@ -82,7 +100,11 @@ EMA_ALPHA = 0.5
 #: (docs/security.md "Profile privacy"; `knexa-cpm privacy-study`)
 DEFAULT_EPSILON = 100.0
 #: default total budget: 50 fresh releases at the default epsilon, then the profile is frozen
+#: (25 rounds when the node also shares its skills: each round then makes two releases)
 DEFAULT_EPSILON_BUDGET = 5000.0
+#: L1 sensitivity of the skills vector: 12 dims of width 1, worst case over the whole range (as
+#: :func:`laplace_sensitivity`: no per-record bound on how one example moves a category's Pass@1)
+SKILLS_SENSITIVITY = float(SKILLS_DIM)
 
 _FAMILY_ALIASES: dict[str, str] = {
     "llama": "llama", "codellama": "llama",
@@ -208,6 +230,69 @@ def sanitize_profile(
     return out
 
 
+def skills_vector(per_category: Mapping[str, float]) -> np.ndarray:
+    """The raw (12,) skills vector in ``protocol.CATEGORIES`` order from ``{category: Pass@1}``.
+
+    A category absent from the mapping is 0.0: the node has no validation problem there, so it
+    has shown nothing solved (and "absent" must not be told apart from "failed all" on the wire).
+
+    Raises:
+        ValueError: a key that is not one of ``protocol.CATEGORIES``, or a value that is not a
+            finite fraction in [0, 1].
+    """
+    unknown = sorted(set(per_category) - set(CATEGORIES))
+    if unknown:
+        raise ValueError(f"unknown categories {unknown}; expected some of {CATEGORIES}")
+    out = np.zeros(SKILLS_DIM, dtype=np.float64)
+    for i, name in enumerate(CATEGORIES):
+        if name not in per_category:
+            continue
+        value = float(per_category[name])
+        if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+            raise ValueError(f"skill {name!r} must be a fraction in [0, 1], got {per_category[name]!r}")
+        out[i] = value
+    return out
+
+
+def sanitize_skills(
+    skills: np.ndarray,
+    *,
+    decimals: int = 2,
+    epsilon: float | None = None,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """The skills vector that may leave the node: clipped to [0, 1], optionally noised, rounded.
+
+    Same steps as :func:`sanitize_profile` on the 12 dims: Laplace noise of scale
+    ``SKILLS_SENSITIVITY / epsilon`` (12 dims of width 1 give an L1 sensitivity of 12 against any
+    change of the node's state), re-clip, round to ``decimals`` last (post-processing).
+
+    Args:
+        skills: a (12,) vector, e.g. from :func:`skills_vector`.
+        decimals: rounding precision (0-6).
+        epsilon: Laplace privacy budget of this release; None = no noise.
+        rng: simulations and tests only (see :func:`sanitize_profile`); default: the OS CSPRNG.
+    Raises:
+        ValueError: wrong shape, NaN or +-inf anywhere, bad decimals or epsilon.
+    """
+    arr = np.asarray(skills, dtype=np.float64)
+    if arr.shape != (SKILLS_DIM,):
+        raise ValueError(f"skills must have shape ({SKILLS_DIM},), got {arr.shape}")
+    bad = np.flatnonzero(~np.isfinite(arr))
+    if bad.size:
+        raise ValueError(f"skills have non-finite values at dims {bad.tolist()}; refusing to send them")
+    if not (isinstance(decimals, int) and 0 <= decimals <= 6):
+        raise ValueError(f"decimals must be an int in [0, 6], got {decimals!r}")
+    if epsilon is not None and not (math.isfinite(epsilon) and epsilon > 0):
+        raise ValueError(f"epsilon must be positive and finite, got {epsilon!r}")
+    out = np.clip(arr, 0.0, 1.0)
+    if epsilon is not None:
+        out = np.clip(out + laplace_noise(SKILLS_SENSITIVITY / epsilon, SKILLS_DIM, rng=rng), 0.0, 1.0)
+    out = np.round(out, decimals)
+    out += 0.0  # turns any -0.0 into 0.0
+    return out
+
+
 def laplace_noise(scale: float, size: int, *, rng: np.random.Generator | None = None) -> np.ndarray:
     """``size`` draws of Laplace(0, ``scale``); from ``secrets.SystemRandom`` (the OS CSPRNG) unless
     a generator is passed (simulations and tests only).
@@ -246,6 +331,11 @@ class PrivacyAccountant:
             would exceed it, :meth:`release` re-sends the last noised dynamic features (or, if
             there never was one, the data-independent "nothing known" features and a uniform
             histogram), which costs nothing.
+
+    Skills (:meth:`release_skills`) are a separate release of their own, charged the same
+    ``epsilon`` against the same budget (sequential composition with the profile's): a node that
+    shares them spends ``2 * epsilon`` per round. Once a fresh one no longer fits, the last
+    released skills are re-sent (free), or none at all if there never was one.
     """
 
     def __init__(self, epsilon: float, budget: float = math.inf) -> None:
@@ -257,6 +347,8 @@ class PrivacyAccountant:
         self.unnoised_releases = 0  # sent with noise off: their privacy loss is unbounded
         self.frozen_releases = 0
         self.last: np.ndarray | None = None  # the dynamic dims (perf + histogram) last released
+        self.skills_releases = 0  # fresh skills releases (noised, or unnoised with noise off)
+        self.last_skills: np.ndarray | None = None  # the skills last released
 
     def configure(self, epsilon: float, budget: float) -> None:
         """Set the per-release epsilon and the total budget (SIGHUP); what was spent stays spent."""
@@ -305,6 +397,30 @@ class PrivacyAccountant:
         self.frozen_releases += 1
         return out
 
+    def release_skills(
+        self, skills: np.ndarray, *, decimals: int = 2, rng: np.random.Generator | None = None
+    ) -> np.ndarray | None:
+        """The sanitized skills to send this round, or None to send none.
+
+        A fresh release when it fits the budget (noised with ``epsilon``, charged ``epsilon``; with
+        noise off counted as an unnoised release); otherwise the last released skills again
+        (post-processing, free), or None if skills were never released.
+
+        Raises:
+            ValueError: as :func:`sanitize_skills`.
+        """
+        if self.can_release():
+            out = sanitize_skills(skills, decimals=decimals, epsilon=self.epsilon or None, rng=rng)
+            if self.noise_on:
+                self.spent += self.epsilon
+            else:
+                self.unnoised_releases += 1
+            self.skills_releases += 1
+            self.last_skills = out.copy()
+            return out
+        sanitize_skills(skills, decimals=decimals)  # validates; the values are not used
+        return None if self.last_skills is None else self.last_skills.copy()
+
     def summary(self) -> dict[str, Any]:
         """What `status` shows: per-round epsilon, spent and total budget, releases, exhaustion."""
         return {
@@ -314,13 +430,16 @@ class PrivacyAccountant:
             "epsilon_budget": None if math.isinf(self.budget) else self.budget,
             "releases": self.releases,
             "frozen_releases": self.frozen_releases,
+            "skills_releases": self.skills_releases,
             "exhausted": self.exhausted,
         }
 
     def to_state(self) -> dict[str, Any]:
         return {"spent": self.spent, "releases": self.releases, "unnoised_releases": self.unnoised_releases,
                 "frozen_releases": self.frozen_releases,
-                "last": None if self.last is None else [float(x) for x in self.last]}
+                "last": None if self.last is None else [float(x) for x in self.last],
+                "skills_releases": self.skills_releases,
+                "last_skills": None if self.last_skills is None else [float(x) for x in self.last_skills]}
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`to_state` saved (the spent budget survives restarts and config changes)."""
@@ -332,6 +451,12 @@ class PrivacyAccountant:
         self.last = None if last is None else np.asarray(last, dtype=np.float64)
         if self.last is not None and self.last.shape != (int(_NOISED.sum()),):
             raise ValueError(f"saved privacy state has {self.last.shape} dynamic dims, expected {int(_NOISED.sum())}")
+        # states saved before skills existed have neither key: no skills were ever released
+        self.skills_releases = int(state.get("skills_releases", 0))
+        last_skills = state.get("last_skills")
+        self.last_skills = None if last_skills is None else np.asarray(last_skills, dtype=np.float64)
+        if self.last_skills is not None and self.last_skills.shape != (SKILLS_DIM,):
+            raise ValueError(f"saved privacy state has {self.last_skills.shape} skills, expected {SKILLS_DIM}")
 
 
 def _perf_features(history: Sequence[PerfPoint]) -> np.ndarray:

@@ -69,7 +69,7 @@ from . import public_set as public_set_mod
 from .backend import Answer, ModelBackend
 from .config import NodeSection
 from .errors import UnreachableError
-from .profile import PerfPoint, PrivacyAccountant, build_profile
+from .profile import PerfPoint, PrivacyAccountant, build_profile, skills_vector
 from .public_set import PublicSetMismatch
 from .public_set import label as public_set_label
 from .reward import compute_reward
@@ -92,7 +92,8 @@ DISCOVERED_DIAL_MAX = 8
 #: define who and what the node is and need a restart
 RELOADABLE = ("bootstrap", "roster", "roster_file", "directive_timeout_s", "directive_poll_s",
               "package_timeout_s", "stream_timeout_s", "reward_gamma", "reward_delta", "profile_decimals",
-              "profile_epsilon", "profile_epsilon_budget", "log_level", "stop_grace_s", "cpm_connect_timeout_s")
+              "profile_epsilon", "profile_epsilon_budget", "share_skills", "log_level", "stop_grace_s",
+              "cpm_connect_timeout_s")
 
 
 def short(peer: bytes) -> str:
@@ -637,10 +638,24 @@ class NodeService:
         ))
         vector = build_profile(self.backend.family, self.history, self.backend.category_histogram())
         vector = self.privacy.release(vector, decimals=self.cfg.profile_decimals)
+        # skills (opt-in): one more release, charged like the profile's (docs/security.md)
+        skills: tuple[float, ...] = ()
+        if self.cfg.share_skills:
+            with self._phase("skills"):
+                _, per_cat = await self._ml_call(self.backend.validation_skills)
+            fresh = self.privacy.can_release()
+            released = self.privacy.release_skills(skills_vector(per_cat), decimals=self.cfg.profile_decimals)
+            if released is not None:
+                skills = tuple(map(float, released))
         self._save_state()  # the spent budget is on disk before the profile leaves the node
         self.metrics.observe_privacy(self.privacy.summary())
+        if self.cfg.share_skills:
+            logger.info("round=%d skills: %s", self.round,
+                        "shared (fresh release)" if skills and fresh else
+                        "shared (frozen at the last release: budget spent)" if skills else
+                        "none sent (budget spent before any release)")
         with self._phase("profile"):
-            accepted = await self._submit_profile(host, vector)
+            accepted = await self._submit_profile(host, vector, skills)
         entry: dict[str, Any] = {
             "round": self.round, "node": peer_id_str(self.me), "model": self.backend.model_name,
             "family": self.backend.family, "train_loss": train.mean_loss, "val_loss": ev.val_loss,
@@ -685,8 +700,9 @@ class NodeService:
         self.metrics.round_seconds.observe(time.time() - t0)
         self._notify_status()
 
-    async def _submit_profile(self, host: P2PHost, vector: np.ndarray) -> bool:
-        """Send this round's profile; False when the CPM stayed behind us for directive_timeout_s.
+    async def _submit_profile(self, host: P2PHost, vector: np.ndarray, skills: tuple[float, ...] = ()) -> bool:
+        """Send this round's profile (and sanitized skills, if shared; empty = none); False when
+        the CPM stayed behind us for directive_timeout_s.
 
         Catch up only forward: if the CPM has a later round open we jump to it; if it is still
         on an earlier one (we moved on after a directive timeout) we keep our round number and
@@ -694,7 +710,7 @@ class NodeService:
         """
         deadline = trio.current_time() + self.cfg.directive_timeout_s
         while True:
-            profile = Profile(self.cfg.federation, self.round, self.me, tuple(map(float, vector)))
+            profile = Profile(self.cfg.federation, self.round, self.me, tuple(map(float, vector)), skills=skills)
             reply = await self.submit(host, profile)
             if reply.ok:
                 return True

@@ -1,5 +1,6 @@
 """Profile privacy: OS-CSPRNG noise the CPM cannot predict, an accountant that adds up, a budget
-that freezes the profile, and all of it surviving a restart of a real NodeService."""
+that freezes the profile, and all of it surviving a restart of a real NodeService; the opt-in
+skills release (`share_skills`) charged, frozen and sent by a node's round."""
 
 from __future__ import annotations
 
@@ -19,10 +20,12 @@ from knexa_node.profile import (
     laplace_noise,
     laplace_sensitivity,
     sanitize_profile,
+    sanitize_skills,
+    skills_vector,
 )
 from knexa_node.service import NodeService
 from knexa_p2p.identity import load_or_create_identity, load_or_create_kem_key
-from protocol import HIST_SLICE, PERF_SLICE
+from protocol import HIST_SLICE, PERF_SLICE, SKILLS_DIM, Profile, Reply, ReplyCode, decode, encode
 from tests.support.fake_backend import FakeBackend
 
 CPM_ID = "12D3KooWQYhTNQdmr3ArTeUHRYzFg94BKyTkoWBDWez9kSCVe2Xo"
@@ -48,6 +51,7 @@ def test_defaults_are_the_documented_ones() -> None:
     cfg = NodeSection()
     assert (cfg.profile_epsilon, cfg.profile_epsilon_budget) == (DEFAULT_EPSILON, DEFAULT_EPSILON_BUDGET)
     assert cfg.profile_epsilon > 0, "noise is on by default"
+    assert cfg.share_skills is False, "skills reveal where a node is strong: opt-in"
     with pytest.raises(ValueError, match="profile_epsilon"):
         NodeSection(profile_epsilon=-1.0)
     with pytest.raises(ValueError, match="profile_epsilon_budget"):
@@ -106,7 +110,8 @@ def test_accountant_adds_up_and_freezes_at_the_budget() -> None:
     assert np.array_equal(frozen[PERF_SLICE], sent[-1][PERF_SLICE])
     assert np.array_equal(frozen[HIST_SLICE], sent[-1][HIST_SLICE])
     assert acc.summary() == {"noise": "laplace", "epsilon_per_round": 10.0, "epsilon_spent": 30.0,
-                             "epsilon_budget": 35.0, "releases": 3, "frozen_releases": 1, "exhausted": True}
+                             "epsilon_budget": 35.0, "releases": 3, "frozen_releases": 1, "skills_releases": 0,
+                             "exhausted": True}
     # raising the budget (SIGHUP) allows fresh releases again; what was spent stays spent
     acc.configure(10.0, 100.0)
     acc.release(raw)
@@ -158,8 +163,9 @@ def test_reload_changes_epsilon_but_not_what_was_spent(tmp_path: Path) -> None:
 
     svc = node(tmp_path, profile_epsilon=25.0)
     svc.privacy.release(raw_profile())
-    svc.reload(dataclasses.replace(svc.cfg, profile_epsilon=10.0, profile_epsilon_budget=0.0))
+    svc.reload(dataclasses.replace(svc.cfg, profile_epsilon=10.0, profile_epsilon_budget=0.0, share_skills=True))
     assert svc.privacy.epsilon == 10.0 and math.isinf(svc.privacy.budget) and svc.privacy.spent == 25.0
+    assert svc.cfg.share_skills  # turning skills on or off needs no restart
 
 
 def test_a_mid_round_save_does_not_record_the_rounds_evaluation_twice(tmp_path: Path) -> None:
@@ -176,3 +182,146 @@ def test_a_mid_round_save_does_not_record_the_rounds_evaluation_twice(tmp_path: 
     svc.completed += 1
     svc._save_state()
     assert node(tmp_path).history == [PerfPoint(0.5, 0.5, 2.0)]
+
+
+# ---- skills (share_skills) ----------------------------------------------------------------------
+
+SKILLS = np.linspace(0.0, 1.0, SKILLS_DIM)
+
+
+def test_a_skills_release_is_charged_like_a_profile_release() -> None:
+    acc = PrivacyAccountant(10.0, budget=100.0)
+    acc.release(raw_profile())
+    out = acc.release_skills(SKILLS, decimals=6)
+    assert out is not None and out.shape == (SKILLS_DIM,) and np.all((out >= 0) & (out <= 1))
+    assert not np.array_equal(out, np.round(SKILLS, 6))  # noised
+    assert acc.spent == pytest.approx(20.0) and acc.releases == 1 and acc.skills_releases == 1
+    assert acc.summary()["skills_releases"] == 1 and acc.summary()["epsilon_spent"] == 20.0
+
+
+def test_skills_freeze_at_the_last_release_once_the_budget_is_spent() -> None:
+    acc = PrivacyAccountant(10.0, budget=30.0)
+    acc.release(raw_profile())
+    first = acc.release_skills(SKILLS)
+    acc.release(raw_profile())  # 30 of 30: nothing more fits
+    assert acc.exhausted and acc.spent == pytest.approx(30.0)
+    for _ in range(2):
+        again = acc.release_skills(np.zeros(SKILLS_DIM))  # post-processing: free, same values
+        assert again is not None and np.array_equal(again, first)
+    assert acc.spent == pytest.approx(30.0) and acc.skills_releases == 1
+    again[0] = 0.5  # a copy: the caller cannot change what is remembered
+    assert np.array_equal(acc.release_skills(SKILLS), first)
+    with pytest.raises(ValueError, match="non-finite"):  # still validated when frozen
+        acc.release_skills(np.full(SKILLS_DIM, np.nan))
+
+
+def test_no_skills_when_the_budget_was_spent_before_any_release() -> None:
+    acc = PrivacyAccountant(10.0, budget=10.0)
+    acc.release(raw_profile())
+    assert acc.release_skills(SKILLS) is None
+    assert acc.spent == pytest.approx(10.0) and acc.skills_releases == 0 and acc.last_skills is None
+
+
+def test_skills_with_noise_off_are_exact_and_accounted_as_unbounded() -> None:
+    acc = PrivacyAccountant(0.0)
+    out = acc.release_skills(SKILLS, decimals=2)
+    assert out is not None and np.array_equal(out, sanitize_skills(SKILLS, decimals=2))
+    assert acc.unnoised_releases == 1 and acc.summary()["epsilon_spent"] is None
+
+
+def test_skills_survive_the_state_round_trip_and_old_states_load() -> None:
+    acc = PrivacyAccountant(10.0, budget=20.0)
+    acc.release(raw_profile())
+    sent = acc.release_skills(SKILLS)
+    copy = PrivacyAccountant(10.0, budget=20.0)
+    copy.load_state(acc.to_state())
+    assert copy.to_state() == acc.to_state() and copy.skills_releases == 1
+    assert np.array_equal(copy.release_skills(SKILLS), sent)  # exhausted: frozen at the saved one
+    old = {k: v for k, v in acc.to_state().items() if k not in ("skills_releases", "last_skills")}
+    legacy = PrivacyAccountant(10.0, budget=20.0)
+    legacy.load_state(old)  # saved before skills existed
+    assert legacy.skills_releases == 0 and legacy.last_skills is None and legacy.spent == pytest.approx(20.0)
+    assert legacy.release_skills(SKILLS) is None
+    with pytest.raises(ValueError, match="skills"):
+        copy.load_state({**acc.to_state(), "last_skills": [0.5] * 3})
+
+
+# A node's round in process: the CPM's side is a stub that records the profiles it is sent and
+# answers ok; no directive comes, so the round ends as "no_directive" after integrate_local.
+
+
+async def run_rounds(svc: NodeService, n: int) -> list[Profile]:
+    sent: list[Profile] = []
+
+    async def no_public_set_check(host: object) -> None:
+        return None
+
+    async def submit(host: object, msg: object) -> Reply:
+        assert isinstance(msg, Profile)
+        sent.append(decode(encode(msg), Profile))  # what the CPM reads off the wire
+        return Reply(True, ReplyCode.OK, "", svc.round)
+
+    async def no_directive(host: object, round_: int) -> None:
+        return None
+
+    svc._check_public_set = no_public_set_check  # type: ignore[method-assign]
+    svc.submit = submit  # type: ignore[method-assign]
+    svc.wait_directive = no_directive  # type: ignore[method-assign]
+    for _ in range(n):
+        await svc.run_round(None)  # type: ignore[arg-type]
+    return sent
+
+
+async def test_a_node_sends_no_skills_by_default(tmp_path: Path) -> None:
+    svc = node(tmp_path)
+    calls: list[int] = []
+    svc.backend.validation_skills = lambda: calls.append(1) or (0.0, {})  # type: ignore[method-assign]
+    (profile,) = await run_rounds(svc, 1)
+    assert profile.skills == () and b"skills" not in encode(profile)
+    assert calls == [] and svc.privacy.spent == pytest.approx(svc.privacy.epsilon)
+    assert svc.privacy.skills_releases == 0 and "skills" not in svc.round_phases
+
+
+async def test_a_node_that_shares_skills_sends_12_values_and_pays_for_them(tmp_path: Path,
+                                                                              caplog: pytest.LogCaptureFixture) -> None:
+    svc = node(tmp_path, share_skills=True, profile_epsilon=10.0, profile_epsilon_budget=30.0)
+    with caplog.at_level("INFO", logger="knexa_node"):
+        sent = await run_rounds(svc, 3)
+    first, second, third = (p.skills for p in sent)
+    assert len(first) == SKILLS_DIM and all(0.0 <= x <= 1.0 for x in first)
+    # round 0: profile + skills (20); round 1: the profile fits (30), the skills do not and are
+    # re-sent as released in round 0; round 2: both frozen
+    assert second == first and third == first
+    assert svc.privacy.spent == pytest.approx(30.0) and svc.privacy.releases == 2
+    assert svc.privacy.skills_releases == 1 and "skills" in svc.round_phases
+    lines = [r.getMessage() for r in caplog.records if "skills" in r.getMessage()]
+    assert lines == ["round=0 skills: shared (fresh release)",
+                     "round=1 skills: shared (frozen at the last release: budget spent)",
+                     "round=2 skills: shared (frozen at the last release: budget spent)"]
+    # a restart keeps what was released: the frozen skills are still sent
+    (after,) = await run_rounds(node(tmp_path, share_skills=True, profile_epsilon=10.0,
+                                     profile_epsilon_budget=30.0), 1)
+    assert after.skills == first
+
+
+async def test_skills_are_the_backends_validation_pass_rates_in_category_order(tmp_path: Path) -> None:
+    svc = node(tmp_path, share_skills=True, profile_epsilon=0.0)
+    measured: list[dict[str, float]] = []
+    real = svc.backend.validation_skills
+
+    def recorded() -> tuple[float, dict[str, float]]:
+        overall, per_cat = real()
+        measured.append(per_cat)
+        return overall, per_cat
+
+    svc.backend.validation_skills = recorded  # type: ignore[method-assign]
+    (profile,) = await run_rounds(svc, 1)
+    (per_cat,) = measured  # once per round
+    assert profile.skills == tuple(sanitize_skills(skills_vector(per_cat)).tolist())
+    assert profile.skills[-1] == 0.0 and min(profile.skills[:-1]) > 0  # "other": no validation problem
+
+
+async def test_no_skills_are_sent_when_none_was_ever_released(tmp_path: Path) -> None:
+    svc = node(tmp_path, share_skills=True, profile_epsilon=10.0, profile_epsilon_budget=10.0)
+    (profile,) = await run_rounds(svc, 1)
+    assert profile.skills == () and svc.privacy.spent == pytest.approx(10.0)

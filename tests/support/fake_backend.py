@@ -39,6 +39,15 @@ class FakeBackend:
         return EvalReport(val_loss=loss, perplexity=float(np.exp(min(loss, 20))), pass_at_1=0.1,
                           codebleu=0.2, n_problems=4, seconds=0.0)
 
+    def validation_skills(self) -> tuple[float, dict[str, float]]:
+        """Per-category Pass@1 from the adapter's state: closer to the target solves more; the
+        last category ("other") has no validation problem, so it is absent."""
+        from protocol import CATEGORIES
+
+        skill = 1.0 / (1.0 + self.validation_loss())
+        per_cat = {c: round(skill * (i + 1) / len(CATEGORIES), 4) for i, c in enumerate(CATEGORIES[:-1])}
+        return sum(per_cat.values()) / len(per_cat), per_cat
+
     def category_histogram(self) -> np.ndarray:
         h = np.ones(12)
         return h / h.sum()
