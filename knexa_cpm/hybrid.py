@@ -15,10 +15,17 @@ The model, for ordered pair (t, s):
     reward ~ theta . x(t, s) + b_t + a_{ts} + noise
 
 - x(t, s) = [p_t, p_s, onehot(family_t) x onehot(family_s), t_t * t_s, relu(pass_t - pass_s),
-  JS(h_t, h_s), recency of (t -> s)] where t is (Pass@1, CodeBLEU, log-ppl, histogram) as in the
-  interaction context and recency the number of times t taught s, decayed by `recency_decay` per
-  round. Every term but the last three is a product of per-node vectors, so all N^2 scores are
-  matrix products. (A "coverage gap" sum_c h_s[c] relu(h_t[c] - h_s[c]) made no measurable
+  JS(h_t, h_s), recency of (t -> s), skill gap, both share skills] where t is (Pass@1, CodeBLEU,
+  log-ppl, histogram) as in the interaction context and recency the number of times t taught s,
+  decayed by `recency_decay` per round. Every term but the last five is a product of per-node
+  vectors, so all N^2 scores are matrix products.
+- skill gap: when both nodes share their validation Pass@1 per category (`Profile.skills`, the
+  skill columns of a profile row), sum_c max(0, k_t[c] - k_s[c]): the categories the teacher
+  solves and the student does not, the Oracle-P2P utility estimated from the nodes' own
+  validation problems instead of a hidden probe set. On the skills benchmark it ranks teachers
+  with Spearman ~0.8 against the true teachable gain where the data histograms reach ~0.25
+  (docs/skills.md). 0 when either node does not share; the last flag then is 0 too, so the
+  model keeps a separate intercept for pairs it knows nothing about. (A "coverage gap" sum_c h_s[c] relu(h_t[c] - h_s[c]) made no measurable
   difference in the study and cost ~12 N^2 operations, so it is not a feature.)
 - theta: Bayesian ridge (prior lam * I) on raw rewards; each round one theta is drawn from the
   posterior N(A^-1 b, v^2 sigma^2 A^-1) (Thompson sampling: exploration without a width term, so
@@ -42,11 +49,11 @@ from typing import Any
 
 import numpy as np
 
-from protocol import FAMILY_SLICE, HIST_SLICE, PERF_SLICE, PROFILE_DIM
+from protocol import FAMILY_SLICE, HIST_SLICE, PERF_SLICE, PROFILE_DIM, SKILLS_DIM
 
 from .bandit import array_from_state, array_state
 from .features import _one_blas_thread, js_divergence, js_matrix
-from .policies import Policy, _profile_rows
+from .policies import SKILLS_SLICE, Policy, _skill_rows
 from .rewards import RunningNorm
 
 __all__ = ["HybridFeatures", "HybridPolicy"]
@@ -60,22 +67,42 @@ class HybridFeatures:
     """x(t, s) for the hybrid model; `scores` computes theta . x for all N^2 ordered pairs."""
 
     n_t = len(_T)
-    n_g = 3  # relu pass gap, JS, recency
+    n_g = 5  # relu pass gap, JS, recency, skill gap, both share skills
     dim = 2 * PROFILE_DIM + _NF * _NF + n_t + n_g
+    #: the layout before the skill terms (CPM states saved then load with them at "no data")
+    dim_without_skills = dim - 2
 
     def build(self, teacher: np.ndarray, student: np.ndarray, recency: np.ndarray) -> np.ndarray:
-        """(M, dim) contexts for M (teacher, student) profile rows and their recency values."""
-        t, s = np.atleast_2d(teacher), np.atleast_2d(student)
+        """(M, dim) contexts for M (teacher, student) rows (`policies.profile_row`; 32-column
+        rows mean skills not shared) and their recency values."""
+        t, s = _skill_rows(np.atleast_2d(teacher)), _skill_rows(np.atleast_2d(student))
         fam = (t[:, FAMILY_SLICE, None] * s[:, None, FAMILY_SLICE]).reshape(len(t), _NF * _NF)
         ht, hs = t[:, HIST_SLICE], s[:, HIST_SLICE]
         js = js_divergence(ht, hs)
+        kt, ks = t[:, SKILLS_SLICE], s[:, SKILLS_SLICE]
+        both = (kt >= 0).all(axis=1) & (ks >= 0).all(axis=1)
+        gap = np.where(both, np.maximum(kt - ks, 0.0).sum(axis=1), 0.0)
         g = np.stack([np.maximum(t[:, _PASS1] - s[:, _PASS1], 0.0), js,
-                      np.asarray(recency, dtype=np.float64).reshape(-1)], axis=1)
-        return np.concatenate([t, s, fam, t[:, _T] * s[:, _T], g], axis=1)
+                      np.asarray(recency, dtype=np.float64).reshape(-1), gap, both.astype(np.float64)], axis=1)
+        tp, sp = t[:, :PROFILE_DIM], s[:, :PROFILE_DIM]
+        return np.concatenate([tp, sp, fam, tp[:, _T] * sp[:, _T], g], axis=1)
 
-    def scores(self, p: np.ndarray, theta: np.ndarray, recency: np.ndarray,
+    @staticmethod
+    def skill_gaps(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(N, N) skill gap and both-share flag for all ordered pairs of (N, ROW_DIM) rows."""
+        k = p[:, SKILLS_SLICE]
+        known = (k >= 0).all(axis=1)
+        both = known[:, None] & known[None, :]
+        gap = np.zeros((len(p), len(p)))
+        for c in range(SKILLS_DIM):  # 12 (N, N) passes instead of one (N, N, 12) temporary
+            gap += np.maximum(k[:, c, None] - k[None, :, c], 0.0)
+        return np.where(both, gap, 0.0), both.astype(np.float64)
+
+    def scores(self, rows: np.ndarray, theta: np.ndarray, recency: np.ndarray,
                js: np.ndarray | None = None) -> np.ndarray:
         """(N, N) theta . x(i, j), without building x: one matrix product per factorable block."""
+        rows = _skill_rows(rows)
+        p = rows[:, :PROFILE_DIM]
         d = PROFILE_DIM
         th_t, th_s = theta[:d], theta[d:2 * d]
         o = 2 * d
@@ -94,6 +121,9 @@ class HybridFeatures:
             out += th_g[0] * np.maximum(pas[:, None] - pas[None, :], 0.0)
             out += th_g[1] * (js_matrix(h) if js is None else js)
             out += th_g[2] * recency
+            if th_g[3] != 0 or th_g[4] != 0:
+                gap, both = self.skill_gaps(rows)
+                out += th_g[3] * gap + th_g[4] * both
         return out
 
 
@@ -170,6 +200,9 @@ class HybridPolicy(Policy):
         self.round = 0
         self._js_key: np.ndarray | None = None
         self._js: np.ndarray | None = None
+
+    def _rows(self, profiles: np.ndarray) -> np.ndarray:
+        return _skill_rows(profiles)
 
     # ---- model ---------------------------------------------------------------------------
     @property
@@ -258,8 +291,8 @@ class HybridPolicy(Policy):
         Raises:
             ValueError: malformed profiles or a non-finite reward (state is unchanged).
         """
-        t = _profile_rows(np.atleast_2d(teacher_profile))
-        s = _profile_rows(np.atleast_2d(student_profile))
+        t = _skill_rows(np.atleast_2d(teacher_profile))
+        s = _skill_rows(np.atleast_2d(student_profile))
         if t.shape[0] != 1 or s.shape[0] != 1:
             raise ValueError("observe takes one teacher and one student profile")
         r = float(reward)
@@ -302,11 +335,19 @@ class HybridPolicy(Policy):
             ValueError: the state belongs to another policy or feature layout.
         """
         super().load_state_dict(d)
-        if int(d.get("dim", -1)) != self.features.dim:
-            raise ValueError(f"state has dim {d.get('dim')}, the hybrid features need {self.features.dim}")
+        dim, old = self.features.dim, self.features.dim_without_skills
+        saved = int(d.get("dim", -1))
+        if saved not in (dim, old):
+            raise ValueError(f"state has dim {d.get('dim')}, the hybrid features need {dim}")
         a, b = array_from_state(d["A"]), array_from_state(d["b"])
-        if a.shape != (self.features.dim,) * 2 or b.shape != (self.features.dim,):
+        if a.shape != (saved,) * 2 or b.shape != (saved,):
             raise ValueError("hybrid state arrays do not match its dim")
+        if saved == old:
+            # saved before the skill terms: every reward then had both at 0, which is exactly
+            # the ridge prior on the two new dims (lam on the diagonal, nothing in b)
+            a = np.pad(a, (0, dim - old))
+            a[old:, old:] = self.lam * np.eye(dim - old)
+            b = np.pad(b, (0, dim - old))
         self.A, self.b = a, b
         self.resid, self.rewards = RunningNorm.from_state(d["resid"]), RunningNorm.from_state(d["rewards"])
         self.teacher.load(d["teacher"])

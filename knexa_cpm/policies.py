@@ -7,6 +7,10 @@ scoring all N x N ordered pairs and handing the matrix to `matching.greedy_disjo
 `state_dict()` is msgpack-safe and `load_state_dict` restores it exactly, RNG included, so a
 restarted CPM makes the same next selection.
 
+A profile row is the node's 32 wire dims, optionally followed by its `Profile.skills`
+(`profile_row`: ROW_DIM = 44 columns, UNKNOWN_SKILL = -1 in each skill column of a node that
+does not share them). Every policy but `hybrid` reads the first 32 columns only.
+
 - `LinUCBPolicy`: KNEXA-FL's matchmaker (SPEC Alg. 1) over a named context builder, rewards
   z-normalised with Welford statistics, exploration beta decaying by a schedule, and an optional
   trust penalty for teachers whose packages keep yielding negative reward (off by default).
@@ -26,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from protocol import HIST_SLICE, PERF_SLICE, PROFILE_DIM
+from protocol import HIST_SLICE, PERF_SLICE, PROFILE_DIM, SKILLS_DIM
 
 from .bandit import LinUCB
 from .features import js_matrix, make_context_builder
@@ -36,6 +40,9 @@ from .rewards import RunningNorm
 __all__ = [
     "BETA_SCHEDULES",
     "POLICY_NAMES",
+    "ROW_DIM",
+    "SKILLS_SLICE",
+    "UNKNOWN_SKILL",
     "HeuristicPolicy",
     "LinUCBPolicy",
     "OraclePolicy",
@@ -44,6 +51,7 @@ __all__ = [
     "RoundRobinPolicy",
     "beta_at",
     "make_policy",
+    "profile_row",
 ]
 
 #: what `make_policy` builds; "oracle" needs the hidden utility and exists only in simulation
@@ -71,13 +79,40 @@ def beta_at(round_idx: int, beta0: float, decay: float, schedule: str = "inv_sqr
     raise ValueError(f"unknown beta schedule {schedule!r}; choose from {BETA_SCHEDULES}")
 
 
-def _profile_rows(profiles: np.ndarray) -> np.ndarray:
+#: a profile row with the node's skills: the 32 wire dims, then SKILLS_DIM skill columns
+ROW_DIM = PROFILE_DIM + SKILLS_DIM
+SKILLS_SLICE = slice(PROFILE_DIM, ROW_DIM)
+#: every skill column of a node that does not share its skills
+UNKNOWN_SKILL = -1.0
+
+
+def profile_row(vector: Sequence[float], skills: Sequence[float] = ()) -> list[float]:
+    """The CPM's row for one node: its profile vector, then its skills (UNKNOWN_SKILL if none)."""
+    if len(skills) not in (0, SKILLS_DIM):
+        raise ValueError(f"skills must have {SKILLS_DIM} values or none, got {len(skills)}")
+    return [*map(float, vector), *(map(float, skills) if len(skills) else [UNKNOWN_SKILL] * SKILLS_DIM)]
+
+
+def _checked_rows(profiles: np.ndarray) -> np.ndarray:
     p = np.asarray(profiles, dtype=np.float64)
-    if p.ndim != 2 or p.shape[1] != PROFILE_DIM:
-        raise ValueError(f"profiles must have shape (N, {PROFILE_DIM}), got {p.shape}")
+    if p.ndim != 2 or p.shape[1] not in (PROFILE_DIM, ROW_DIM):
+        raise ValueError(f"profiles must have shape (N, {PROFILE_DIM}) or (N, {ROW_DIM}), got {p.shape}")
     if not np.isfinite(p).all():
         raise ValueError("profiles must be finite")
     return p
+
+
+def _profile_rows(profiles: np.ndarray) -> np.ndarray:
+    """(N, 32) rows: the wire profile, without any skill columns."""
+    return _checked_rows(profiles)[:, :PROFILE_DIM]
+
+
+def _skill_rows(profiles: np.ndarray) -> np.ndarray:
+    """(N, ROW_DIM) rows: skill columns kept, or added as UNKNOWN_SKILL."""
+    p = _checked_rows(profiles)
+    if p.shape[1] == ROW_DIM:
+        return p
+    return np.concatenate([p, np.full((p.shape[0], SKILLS_DIM), UNKNOWN_SKILL)], axis=1)
 
 
 class Policy(ABC):
@@ -94,7 +129,8 @@ class Policy(ABC):
         """Disjoint ordered (teacher_idx, student_idx) pairs for this round.
 
         Args:
-            profiles: (N, 32) sanitized profiles, one row per participating agent.
+            profiles: (N, 32) sanitized profiles, one row per participating agent, or (N, 44)
+                rows with skills (`profile_row`).
             round_idx: round number (drives exploration decay and the round-robin rotation).
             k_max: most pairs (None = floor(N/2); larger values are capped at floor(N/2)).
             admissible: optional (N, N) bool mask, True where teacher i may teach student j.
@@ -103,7 +139,7 @@ class Policy(ABC):
         Raises:
             ValueError: malformed profiles, mask, or peer_ids.
         """
-        p = _profile_rows(profiles)
+        p = self._rows(profiles)
         n = p.shape[0]
         mask = None if admissible is None else admissible_mask(n, admissible)
         if peer_ids is not None and len(peer_ids) != n:
@@ -117,6 +153,10 @@ class Policy(ABC):
         if self.exact_matching and n <= EXACT_MAX_N:
             return self._whole_round(scores, k_max)
         return greedy_disjoint(scores, k_max, self.rng, copy=False)
+
+    def _rows(self, profiles: np.ndarray) -> np.ndarray:
+        """The columns this policy scores on (the 32 wire dims; `hybrid` keeps the skills)."""
+        return _profile_rows(profiles)
 
     #: choose the round's pairs with `matching.round_matching` (whole-round, up to EXACT_MAX_N
     #: agents) instead of greedy

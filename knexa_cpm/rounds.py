@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from protocol import (
+    PROFILE_DIM,
     Match,
     MatchDirective,
     Profile,
@@ -29,9 +30,12 @@ from protocol import (
     peer_id_str,
 )
 
+from .policies import profile_row
+
 __all__ = ["RoundMachine", "RoundSettings", "Selector"]
 
-#: chooses ordered (teacher_idx, student_idx) pairs from an (N, 32) profile matrix
+#: chooses ordered (teacher_idx, student_idx) pairs from an (N, ROW_DIM) matrix of profile rows
+#: (`policies.profile_row`: the 32 wire dims, then the node's skills or UNKNOWN_SKILL)
 Selector = Callable[[np.ndarray, int], list[tuple[int, int]]]
 
 
@@ -88,7 +92,7 @@ class RoundMachine:
             return Reply(False, ReplyCode.STALE_ROUND, f"round {self.round} is open", self.round)
         if not self.profiles:
             self.opened_at = now
-        self.profiles[sender] = list(profile.vector)
+        self.profiles[sender] = profile_row(profile.vector, profile.skills)
         self.last_seen[sender] = self.round
         return Reply(True, ReplyCode.OK, "", self.round)
 
@@ -179,13 +183,18 @@ class RoundMachine:
         m = cls(settings)
         m.round = int(state["round"])
         m.opened_at = state["opened_at"]
-        m.profiles = {bytes(p): list(v) for p, v in state["profiles"].items()}
+        m.profiles = {bytes(p): _row(v) for p, v in state["profiles"].items()}
         m.directives = {int(r): decode(d, MatchDirective) for r, d in state["directives"].items()}
-        m.pending = {bytes(d): _Pending(int(v[0]), bytes(v[1]), bytes(v[2]), list(v[3]), list(v[4]))
+        m.pending = {bytes(d): _Pending(int(v[0]), bytes(v[1]), bytes(v[2]), _row(v[3]), _row(v[4]))
                      for d, v in state["pending"].items()}
         m.rewarded = {bytes(d): float(r) for d, r in state["rewarded"].items()}
         m.last_seen = {bytes(p): int(r) for p, r in state["last_seen"].items()}
         return m
+
+
+def _row(saved: list[float]) -> list[float]:
+    """A persisted row; one saved before rows carried skills (32 values) gets UNKNOWN_SKILL."""
+    return profile_row(saved) if len(saved) == PROFILE_DIM else [float(x) for x in saved]
 
 
 def short(peer: bytes) -> str:

@@ -104,3 +104,28 @@ def test_a_participants_resent_profile_is_acknowledged_for_its_closed_round():
     again = m.submit_profile(NODES[0], prof(NODES[0], round_=0), now=12.0)
     assert again.ok and again.round == 0 and m.round == 1
     assert NODES[0] not in m.profiles, "the resend is not counted again in the open round"
+
+
+def test_rows_carry_shared_skills_and_mark_unshared_ones_unknown_across_a_restart():
+    from knexa_cpm.policies import ROW_DIM, SKILLS_SLICE, UNKNOWN_SKILL
+
+    m = machine()
+    sharing = P.Profile("f", 0, NODES[0], tuple([0.5] * 32), skills=tuple([0.25] * P.SKILLS_DIM))
+    assert m.submit_profile(NODES[0], sharing, now=0.0).ok
+    assert m.submit_profile(NODES[1], prof(NODES[1]), now=0.0).ok
+    seen = []
+    m.close_round(1.0, lambda matrix, r: seen.append(matrix) or [(0, 1)], ids())
+    matrix = seen[0]
+    assert matrix.shape == (2, ROW_DIM)
+    by_node = dict(zip(sorted(NODES[:2]), matrix, strict=True))
+    assert list(by_node[NODES[0]][SKILLS_SLICE]) == [0.25] * P.SKILLS_DIM
+    assert list(by_node[NODES[1]][SKILLS_SLICE]) == [UNKNOWN_SKILL] * P.SKILLS_DIM
+    # a state written before rows carried skills (32 values per row) loads as "not shared"
+    state = m.to_state()
+    entry = next(iter(state["pending"].values()))
+    entry[3], entry[4] = entry[3][:32], entry[4][:32]
+    state["profiles"] = {NODES[2]: [0.5] * 32}
+    back = RoundMachine.from_state(m.settings, state)
+    assert back.profiles[NODES[2]][32:] == [UNKNOWN_SKILL] * P.SKILLS_DIM
+    pending = next(iter(back.pending.values()))
+    assert len(pending.teacher_profile) == len(pending.student_profile) == ROW_DIM
