@@ -42,6 +42,7 @@ DAEMON_SETTINGS: dict[str, tuple[str, str]] = {
     "beta0": ("cpm", "beta0"), "seed": ("cpm", "seed"),
     "gamma": ("node", "reward_gamma"), "delta": ("node", "reward_delta"),
     "profile_decimals": ("node", "profile_decimals"), "profile_epsilon": ("node", "profile_epsilon"),
+    "share_skills": ("node", "share_skills"),
 }  # fmt: skip
 
 
@@ -54,7 +55,7 @@ def _daemon_configs(cfg: ExperimentConfig, name: str, seed: int) -> tuple[dict[s
     if unsupported:
         raise ValueError(f"{name}: settings {unsupported} are not available in --mode daemons "
                          f"(only {', '.join(DAEMON_SETTINGS)})")
-    s = {**SETTINGS, **table}
+    s = {**SETTINGS, **cls.defaults, **table}
     s["policy"] = s["policy"] or cls.policy_name
     s["context"] = s["context"] or cls.context
     if s["seed"] is None:

@@ -39,15 +39,15 @@ __all__ = [
 LABELS: dict[str, str] = {
     "local-only": "LocalOnly", "random-p2p": "Random-P2P", "heuristic-p2p": "Heuristic-P2P",
     "knexa-fl": "KNEXA-FL", "knexa-fl-concat": "KNEXA-FL (concat)",
-    "knexa-fl-hybrid": "KNEXA-FL (hybrid)", "fedavg": "FedAvg",
+    "knexa-fl-hybrid": "KNEXA-FL (hybrid)", "knexa-fl-skills": "KNEXA-FL (hybrid + skills)", "fedavg": "FedAvg",
     "central-kd": "Central-KD", "fedid-centralkd": "FedID-CentralKD", "fedproxy": "FedProxy",
     "oracle-p2p": "Oracle-P2P",
 }
 #: the paired comparisons table4.md states when both methods are present (the README's claims)
 COMPARISONS: tuple[tuple[str, str], ...] = (
     ("knexa-fl", "random-p2p"), ("knexa-fl", "local-only"), ("knexa-fl-concat", "random-p2p"),
-    ("knexa-fl-hybrid", "random-p2p"), ("random-p2p", "local-only"), ("oracle-p2p", "random-p2p"),
-    ("oracle-p2p", "knexa-fl"))
+    ("knexa-fl-hybrid", "random-p2p"), ("knexa-fl-skills", "random-p2p"), ("knexa-fl-skills", "knexa-fl-hybrid"),
+    ("random-p2p", "local-only"), ("oracle-p2p", "random-p2p"), ("oracle-p2p", "knexa-fl"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -111,3 +111,32 @@ def test_p2p_policy_seed_follows_the_experiment_seed(tmp_path):
     assert a.settings["seed"] != b.settings["seed"]
     with pytest.raises(ValueError, match="unknown settings"):
         RandomP2P().setup(seeds_1, {"bet0": 1.0}, tmp_path)
+
+
+def test_knexa_fl_skills_sends_each_nodes_sanitized_validation_skills_with_its_profile(clients, tmp_path):
+    from knexa_cpm.policies import ROW_DIM, SKILLS_SLICE
+    from knexa_lab.experiment.methods.base import RoundContext
+    from knexa_lab.experiment.methods.p2p import KnexaFLHybrid, KnexaFLSkills
+    from knexa_node.profile import skills_vector
+
+    def rows(method):
+        method.setup(clients, {"profile_epsilon": 0}, tmp_path / method.name)
+        ctx = RoundContext(round_idx=0, total_rounds=1, clients=clients, rng=np.random.default_rng(0), history={},
+                           settings={}, workdir=tmp_path)
+        return method.profiles(ctx)
+
+    shared, plain = rows(KnexaFLSkills()), rows(KnexaFLHybrid())
+    assert shared.shape == (len(clients), ROW_DIM) and plain.shape == (len(clients), 32)
+    assert np.array_equal(shared[:, :32], plain)  # the wire profile itself is unchanged
+    for c, row in zip(clients, shared, strict=True):  # noise off: the node's own skills, rounded
+        assert np.allclose(row[SKILLS_SLICE], np.round(skills_vector(c.backend.validation_skills()[1]), 2))
+
+
+def test_daemons_mode_turns_skills_sharing_on_in_the_nodes_of_knexa_fl_skills_only():
+    from knexa_lab.experiment.config import resolve_config
+    from knexa_lab.experiment.daemons import _daemon_configs
+
+    cfg = resolve_config("tiny")
+    cpm, node = _daemon_configs(cfg, "knexa-fl-skills", 1)
+    assert cpm["policy"] == "hybrid" and node["share_skills"] is True
+    assert _daemon_configs(cfg, "knexa-fl-hybrid", 1)[1]["share_skills"] is False

@@ -21,7 +21,9 @@ taken out and nothing else changed:
 
 Subclasses only choose the policy: ``random-p2p`` (uniform random pairs), ``heuristic-p2p``
 (supplement Alg. 3), ``knexa-fl`` (LinUCB, interaction context, our default) and
-``knexa-fl-concat`` (LinUCB on the paper's concatenated ``[p_i, p_j]``). ``[methods.<name>]``
+``knexa-fl-concat`` (LinUCB on the paper's concatenated ``[p_i, p_j]``), ``knexa-fl-hybrid`` (the
+CPM's hybrid policy) and ``knexa-fl-skills`` (hybrid, with nodes that share their validation
+Pass@1 per category, ``share_skills``). ``[methods.<name>]``
 may override any key of :data:`SETTINGS`.
 """
 
@@ -40,7 +42,8 @@ from knexa_node.config import NodeSection
 
 from .base import Client, ClientStep, RoundContext, package_bytes
 
-__all__ = ["SETTINGS", "HeuristicP2P", "KnexaFL", "KnexaFLConcat", "PeerToPeer", "RandomP2P", "policy_seed"]
+__all__ = ["SETTINGS", "HeuristicP2P", "KnexaFL", "KnexaFLConcat", "KnexaFLHybrid", "KnexaFLSkills", "PeerToPeer",
+           "RandomP2P", "policy_seed"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +59,8 @@ SETTINGS: dict[str, Any] = {
     # node side: Eq. 3 weights and profile sanitization
     "gamma": _NODE.reward_gamma, "delta": _NODE.reward_delta,
     "profile_decimals": _NODE.profile_decimals, "profile_epsilon": _NODE.profile_epsilon,
+    # the node also sends its validation Pass@1 per category (Profile.skills; hybrid uses it)
+    "share_skills": _NODE.share_skills,
 }  # fmt: skip
 _STATE_DIR = "policy"
 
@@ -74,6 +79,8 @@ class PeerToPeer:
     local_training: ClassVar[bool] = True
     policy_name: ClassVar[str] = "linucb"
     context: ClassVar[str] = "interaction"
+    #: this method's own defaults for SETTINGS keys (a preset's table still wins)
+    defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self) -> None:
         self.policy: Any = None
@@ -86,7 +93,7 @@ class PeerToPeer:
         unknown = sorted(set(settings) - set(SETTINGS))
         if unknown:
             raise ValueError(f"{self.name}: unknown settings {unknown}; known: {', '.join(SETTINGS)}")
-        s = {**SETTINGS, **settings}
+        s = {**SETTINGS, **self.defaults, **settings}
         s["policy"] = s["policy"] or self.policy_name
         s["context"] = s["context"] or self.context
         s["seed"] = policy_seed([c.seed for c in clients]) if s["seed"] is None else int(s["seed"])
@@ -97,10 +104,19 @@ class PeerToPeer:
                                   trust_rate=float(s["trust_rate"]))
 
     def profiles(self, ctx: RoundContext) -> np.ndarray:
-        """(N, 32) sanitized profiles in client order, as each node would send them."""
-        from knexa_node.profile import PerfPoint, build_profile, sanitize_profile
+        """Sanitized profile rows in client order, as each node would send them: (N, 32), or
+        (N, 44) with the skills each node shares (`knexa_cpm.policies.profile_row`)."""
+        from knexa_cpm.policies import profile_row
+        from knexa_node.profile import (
+            PerfPoint,
+            build_profile,
+            sanitize_profile,
+            sanitize_skills,
+            skills_vector,
+        )
 
         eps = float(self.settings["profile_epsilon"]) or None
+        decimals = int(self.settings["profile_decimals"])
         rows = []
         for c in ctx.clients:
             # the node's rule: a diverged model is reported as "worst", never as NaN
@@ -109,8 +125,12 @@ class PeerToPeer:
                                  perplexity=ev.perplexity if math.isfinite(ev.perplexity) else float("inf"))
                        for ev in ctx.history.get(c.index, ())]
             raw = build_profile(c.backend.family, history, c.backend.category_histogram())
-            rows.append(sanitize_profile(raw, decimals=int(self.settings["profile_decimals"]), epsilon=eps,
-                                         rng=ctx.rng))
+            vector = sanitize_profile(raw, decimals=decimals, epsilon=eps, rng=ctx.rng)
+            if self.settings["share_skills"]:  # the node's second release (knexa_node.service)
+                skills = sanitize_skills(skills_vector(c.backend.validation_skills()[1]), decimals=decimals,
+                                         epsilon=eps, rng=ctx.rng)
+                vector = np.asarray(profile_row(vector, skills))
+            rows.append(vector)
         return np.stack(rows)
 
     def communicate(self, ctx: RoundContext) -> dict[int, ClientStep]:
@@ -196,6 +216,14 @@ class KnexaFL(PeerToPeer):
 class KnexaFLHybrid(PeerToPeer):
     name: ClassVar[str] = "knexa-fl-hybrid"
     policy_name: ClassVar[str] = "hybrid"
+
+
+class KnexaFLSkills(PeerToPeer):
+    """The hybrid matchmaker with nodes that share their validation Pass@1 per category."""
+
+    name: ClassVar[str] = "knexa-fl-skills"
+    policy_name: ClassVar[str] = "hybrid"
+    defaults: ClassVar[dict[str, Any]] = {"share_skills": True}
 
 
 class KnexaFLConcat(PeerToPeer):
