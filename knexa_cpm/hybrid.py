@@ -64,13 +64,20 @@ _PASS1 = PERF_SLICE.start
 
 
 class HybridFeatures:
-    """x(t, s) for the hybrid model; `scores` computes theta . x for all N^2 ordered pairs."""
+    """x(t, s) for the hybrid model; `scores` computes theta . x for all N^2 ordered pairs.
+
+    ``compact=True`` keeps only the five pair terms (relu pass gap, JS, recency, skill gap, both
+    share): for small federations, whose few rewards cannot pin down ~150 coefficients.
+    """
 
     n_t = len(_T)
     n_g = 5  # relu pass gap, JS, recency, skill gap, both share skills
-    dim = 2 * PROFILE_DIM + _NF * _NF + n_t + n_g
-    #: the layout before the skill terms (CPM states saved then load with them at "no data")
-    dim_without_skills = dim - 2
+
+    def __init__(self, compact: bool = False) -> None:
+        self.compact = compact
+        self.dim = self.n_g if compact else 2 * PROFILE_DIM + _NF * _NF + self.n_t + self.n_g
+        #: the layout before the skill terms (CPM states saved then load with them at "no data")
+        self.dim_without_skills = -1 if compact else self.dim - 2
 
     def build(self, teacher: np.ndarray, student: np.ndarray, recency: np.ndarray) -> np.ndarray:
         """(M, dim) contexts for M (teacher, student) rows (`policies.profile_row`; 32-column
@@ -84,6 +91,8 @@ class HybridFeatures:
         gap = np.where(both, np.maximum(kt - ks, 0.0).sum(axis=1), 0.0)
         g = np.stack([np.maximum(t[:, _PASS1] - s[:, _PASS1], 0.0), js,
                       np.asarray(recency, dtype=np.float64).reshape(-1), gap, both.astype(np.float64)], axis=1)
+        if self.compact:
+            return g
         tp, sp = t[:, :PROFILE_DIM], s[:, :PROFILE_DIM]
         return np.concatenate([tp, sp, fam, tp[:, _T] * sp[:, _T], g], axis=1)
 
@@ -104,19 +113,20 @@ class HybridFeatures:
         rows = _skill_rows(rows)
         p = rows[:, :PROFILE_DIM]
         d = PROFILE_DIM
-        th_t, th_s = theta[:d], theta[d:2 * d]
-        o = 2 * d
-        th_f = theta[o:o + _NF * _NF].reshape(_NF, _NF)
-        o += _NF * _NF
-        th_m = theta[o:o + self.n_t]
-        th_g = theta[o + self.n_t:]
-        fam = p[:, FAMILY_SLICE]
-        t = p[:, _T]
+        th_g = theta[-self.n_g:]
         h = p[:, HIST_SLICE]
+        n = len(p)
         with _one_blas_thread():
-            out = (p @ th_t)[:, None] + (p @ th_s)[None, :]
-            out += (fam @ th_f) @ fam.T
-            out += (t * th_m) @ t.T
+            out = np.zeros((n, n))
+            if not self.compact:
+                th_t, th_s = theta[:d], theta[d:2 * d]
+                o = 2 * d
+                th_f = theta[o:o + _NF * _NF].reshape(_NF, _NF)
+                th_m = theta[o + _NF * _NF:o + _NF * _NF + self.n_t]
+                fam, t = p[:, FAMILY_SLICE], p[:, _T]
+                out += (p @ th_t)[:, None] + (p @ th_s)[None, :]
+                out += (fam @ th_f) @ fam.T
+                out += (t * th_m) @ t.T
             pas = p[:, _PASS1]
             out += th_g[0] * np.maximum(pas[:, None] - pas[None, :], 0.0)
             out += th_g[1] * (js_matrix(h) if js is None else js)
@@ -167,6 +177,7 @@ class HybridPolicy(Policy):
             effects, seen ~1.6 times each in 100 rounds of 32 agents, only added noise.
         recency_decay: per-round decay of the "t taught s recently" feature.
         seed: Thompson draws and greedy tie-breaks.
+        compact: the five pair terms only (`HybridFeatures`); chosen with context "compact".
         trust_weight, trust_rate: as `LinUCBPolicy` (0 = off).
     """
 
@@ -175,7 +186,8 @@ class HybridPolicy(Policy):
 
     def __init__(self, *, lam: float = 1.0, explore: float = 0.3, tau_teacher: float = 0.5,
                  tau_pair: float = 0.0, recency_decay: float = 0.8, seed: int = 42,
-                 trust_weight: float = 0.0, trust_rate: float = 0.2, forget: float = 1.0) -> None:
+                 trust_weight: float = 0.0, trust_rate: float = 0.2, forget: float = 1.0,
+                 compact: bool = False) -> None:
         super().__init__(seed)
         if not 0 < forget <= 1:
             raise ValueError("forget must be in (0, 1]")
@@ -184,7 +196,7 @@ class HybridPolicy(Policy):
             raise ValueError("need lam > 0, explore >= 0, tau_* >= 0 and 0 <= recency_decay < 1")
         if trust_weight < 0 or not 0 < trust_rate <= 1:
             raise ValueError("trust_weight must be >= 0 and trust_rate in (0, 1]")
-        self.features = HybridFeatures()
+        self.features = HybridFeatures(compact)
         d = self.features.dim
         self.lam, self.explore = float(lam), float(explore)
         self.tau_teacher, self.tau_pair, self.recency_decay = float(tau_teacher), float(tau_pair), float(recency_decay)

@@ -386,6 +386,10 @@ class LinUCBPolicy(Policy):
         self.badness = {str(k): float(v) for k, v in d.get("badness", {}).items()}
 
 
+#: the hybrid's feature sets: "interaction" (every term; the default, whatever LinUCB's context)
+#: and "compact" (the five pair terms only, for federations with few rewards); "concat" is
+#: accepted as the default so one config serves both policies
+HYBRID_CONTEXTS: tuple[str, ...] = ("interaction", "concat", "compact")
 _LINUCB_EXTRA = ("beta_schedule", "reinvert_every", "trust_weight", "trust_rate")
 
 
@@ -406,11 +410,13 @@ def make_policy(name: str, *, context: str = "interaction", lam: float = 0.01, b
         raise TypeError(f"make_policy() got unexpected keyword(s) {unknown}")
     if name == "linucb":
         return LinUCBPolicy(context=context, lam=lam, beta0=beta0, beta_decay=beta_decay, seed=seed, **kw)
-    if name == "hybrid":  # its own priors; lam/beta/context are LinUCB's and do not apply
+    if name == "hybrid":  # its own priors; lam/beta are LinUCB's and do not apply
         from .hybrid import HybridPolicy
 
+        if context not in HYBRID_CONTEXTS:
+            raise ValueError(f"hybrid context must be one of {HYBRID_CONTEXTS}, got {context!r}")
         return HybridPolicy(seed=seed, trust_weight=float(kw.get("trust_weight", 0.0)),
-                            trust_rate=float(kw.get("trust_rate", 0.2)))
+                            trust_rate=float(kw.get("trust_rate", 0.2)), compact=context == "compact")
     simple: dict[str, type[Policy]] = {
         "random": RandomPolicy, "heuristic": HeuristicPolicy, "round_robin": RoundRobinPolicy,
     }
