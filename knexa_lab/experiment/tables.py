@@ -39,7 +39,8 @@ __all__ = [
 LABELS: dict[str, str] = {
     "local-only": "LocalOnly", "random-p2p": "Random-P2P", "heuristic-p2p": "Heuristic-P2P",
     "knexa-fl": "KNEXA-FL", "knexa-fl-concat": "KNEXA-FL (concat)",
-    "knexa-fl-hybrid": "KNEXA-FL (hybrid)", "knexa-fl-skills": "KNEXA-FL (hybrid + skills)", "fedavg": "FedAvg",
+    "knexa-fl-hybrid": "KNEXA-FL (hybrid)", "knexa-fl-skills": "KNEXA-FL (hybrid + skills)",
+    "knexa-fl-compact": "KNEXA-FL (compact + skills)", "fedavg": "FedAvg",
     "central-kd": "Central-KD", "fedid-centralkd": "FedID-CentralKD", "fedproxy": "FedProxy",
     "oracle-p2p": "Oracle-P2P",
 }
@@ -47,6 +48,7 @@ LABELS: dict[str, str] = {
 COMPARISONS: tuple[tuple[str, str], ...] = (
     ("knexa-fl", "random-p2p"), ("knexa-fl", "local-only"), ("knexa-fl-concat", "random-p2p"),
     ("knexa-fl-hybrid", "random-p2p"), ("knexa-fl-skills", "random-p2p"), ("knexa-fl-skills", "knexa-fl-hybrid"),
+    ("knexa-fl-compact", "random-p2p"),
     ("random-p2p", "local-only"), ("oracle-p2p", "random-p2p"), ("oracle-p2p", "knexa-fl"))
 
 

@@ -132,7 +132,7 @@ def test_knexa_fl_skills_sends_each_nodes_sanitized_validation_skills_with_its_p
         assert np.allclose(row[SKILLS_SLICE], np.round(skills_vector(c.backend.validation_skills()[1]), 2))
 
 
-def test_daemons_mode_turns_skills_sharing_on_in_the_nodes_of_knexa_fl_skills_only():
+def test_daemons_mode_turns_skills_sharing_on_in_the_nodes_of_the_skills_methods_only():
     from knexa_lab.experiment.config import resolve_config
     from knexa_lab.experiment.daemons import _daemon_configs
 
@@ -140,3 +140,5 @@ def test_daemons_mode_turns_skills_sharing_on_in_the_nodes_of_knexa_fl_skills_on
     cpm, node = _daemon_configs(cfg, "knexa-fl-skills", 1)
     assert cpm["policy"] == "hybrid" and node["share_skills"] is True
     assert _daemon_configs(cfg, "knexa-fl-hybrid", 1)[1]["share_skills"] is False
+    cpm, node = _daemon_configs(cfg, "knexa-fl-compact", 1)
+    assert (cpm["policy"], cpm["context"], node["share_skills"]) == ("hybrid", "compact", True)

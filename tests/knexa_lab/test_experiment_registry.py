@@ -17,7 +17,7 @@ from knexa_lab.experiment.methods import (
 
 OWN = {"local-only": "LocalOnly", "random-p2p": "RandomP2P", "heuristic-p2p": "HeuristicP2P",
        "knexa-fl": "KnexaFL", "knexa-fl-concat": "KnexaFLConcat", "knexa-fl-hybrid": "KnexaFLHybrid",
-       "knexa-fl-skills": "KnexaFLSkills", "fedavg": "FedAvg"}
+       "knexa-fl-skills": "KnexaFLSkills", "knexa-fl-compact": "KnexaFLCompact", "fedavg": "FedAvg"}
 
 
 def test_every_method_of_the_comparison_is_registered():
@@ -38,9 +38,11 @@ def test_p2p_methods_differ_only_in_their_matchmaker():
     got = {n: (method_class(n).policy_name, method_class(n).context) for n in P2P_METHODS}
     assert got == {"random-p2p": ("random", "interaction"), "heuristic-p2p": ("heuristic", "interaction"),
                    "knexa-fl": ("linucb", "interaction"), "knexa-fl-concat": ("linucb", "concat"),
-                   "knexa-fl-hybrid": ("hybrid", "interaction"), "knexa-fl-skills": ("hybrid", "interaction")}
+                   "knexa-fl-hybrid": ("hybrid", "interaction"), "knexa-fl-skills": ("hybrid", "interaction"),
+                   "knexa-fl-compact": ("hybrid", "compact")}
     # and in what their nodes send: only knexa-fl-skills shares per-category skills by default
-    assert {n for n in P2P_METHODS if method_class(n).defaults.get("share_skills")} == {"knexa-fl-skills"}
+    assert {n for n in P2P_METHODS if method_class(n).defaults.get("share_skills")} == {"knexa-fl-skills",
+                                                                                       "knexa-fl-compact"}
 
 
 def test_unknown_names_are_listed_with_the_known_ones():

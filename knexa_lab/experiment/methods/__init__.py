@@ -9,8 +9,9 @@ method never stops the others from running.
 - ``p2p.py``: ``random-p2p``, ``heuristic-p2p``, ``knexa-fl`` (LinUCB, interaction context) and
   ``knexa-fl-concat`` (LinUCB, the paper's concatenated context), ``knexa-fl-hybrid`` (the CPM's
   ``hybrid`` policy: Thompson sampling with per-teacher effects), ``knexa-fl-skills`` (hybrid, with
-  nodes that share their validation Pass@1 per category): one class driving the daemon's learning
-  path with a ``knexa_cpm.policies`` matchmaker.
+  nodes that share their validation Pass@1 per category), ``knexa-fl-compact`` (the same with the
+  compact hybrid): one class driving the daemon's learning path with a ``knexa_cpm.policies``
+  matchmaker.
 - ``fedavg.py``: ``fedavg``, LoRA adapters averaged within same-architecture groups.
 - ``fedproxy.py``: ``fedproxy`` (a proxy SLM trained and aggregated instead of the LLM).
 - ``central_kd.py``: ``central-kd`` (FedMD-style ensemble teacher on X_u).
@@ -53,6 +54,7 @@ REGISTRY: dict[str, str] = {
     "knexa-fl-concat": f"{_PKG}.p2p:KnexaFLConcat",
     "knexa-fl-hybrid": f"{_PKG}.p2p:KnexaFLHybrid",
     "knexa-fl-skills": f"{_PKG}.p2p:KnexaFLSkills",
+    "knexa-fl-compact": f"{_PKG}.p2p:KnexaFLCompact",
     "fedavg": f"{_PKG}.fedavg:FedAvg",
     "central-kd": f"{_PKG}.central_kd:CentralKD",
     "fedid-centralkd": f"{_PKG}.fedid:FedIDCentralKD",
@@ -62,7 +64,7 @@ REGISTRY: dict[str, str] = {
 
 #: the methods `--mode daemons` can run through the real knexa-cpm / knexa-node processes
 P2P_METHODS: tuple[str, ...] = ("random-p2p", "heuristic-p2p", "knexa-fl", "knexa-fl-concat", "knexa-fl-hybrid",
-                                 "knexa-fl-skills")
+                                 "knexa-fl-skills", "knexa-fl-compact")
 
 
 class UnknownMethodError(ValueError):

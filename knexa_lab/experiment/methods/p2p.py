@@ -22,8 +22,9 @@ taken out and nothing else changed:
 Subclasses only choose the policy: ``random-p2p`` (uniform random pairs), ``heuristic-p2p``
 (supplement Alg. 3), ``knexa-fl`` (LinUCB, interaction context, our default) and
 ``knexa-fl-concat`` (LinUCB on the paper's concatenated ``[p_i, p_j]``), ``knexa-fl-hybrid`` (the
-CPM's hybrid policy) and ``knexa-fl-skills`` (hybrid, with nodes that share their validation
-Pass@1 per category, ``share_skills``). ``[methods.<name>]``
+CPM's hybrid policy), ``knexa-fl-skills`` (hybrid, with nodes that share their validation
+Pass@1 per category, ``share_skills``) and ``knexa-fl-compact`` (the same with the compact hybrid:
+five pair terms). ``[methods.<name>]``
 may override any key of :data:`SETTINGS`.
 """
 
@@ -42,8 +43,8 @@ from knexa_node.config import NodeSection
 
 from .base import Client, ClientStep, RoundContext, package_bytes
 
-__all__ = ["SETTINGS", "HeuristicP2P", "KnexaFL", "KnexaFLConcat", "KnexaFLHybrid", "KnexaFLSkills", "PeerToPeer",
-           "RandomP2P", "policy_seed"]
+__all__ = ["SETTINGS", "HeuristicP2P", "KnexaFL", "KnexaFLCompact", "KnexaFLConcat", "KnexaFLHybrid", "KnexaFLSkills",
+           "PeerToPeer", "RandomP2P", "policy_seed"]
 
 logger = logging.getLogger(__name__)
 
@@ -223,6 +224,15 @@ class KnexaFLSkills(PeerToPeer):
 
     name: ClassVar[str] = "knexa-fl-skills"
     policy_name: ClassVar[str] = "hybrid"
+    defaults: ClassVar[dict[str, Any]] = {"share_skills": True}
+
+
+class KnexaFLCompact(PeerToPeer):
+    """knexa-fl-skills with the compact hybrid (five pair terms): for federations with few rewards."""
+
+    name: ClassVar[str] = "knexa-fl-compact"
+    policy_name: ClassVar[str] = "hybrid"
+    context: ClassVar[str] = "compact"
     defaults: ClassVar[dict[str, Any]] = {"share_skills": True}
 
 
