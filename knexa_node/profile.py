@@ -185,6 +185,25 @@ def laplace_sensitivity() -> float:
     return float(np.sum((UPPER - LOWER)[PERF_SLICE]) + 2.0)
 
 
+def _checked_release(values: np.ndarray, dim: int, what: str, decimals: int, epsilon: float | None) -> np.ndarray:
+    """``values`` as a float64 vector of ``dim`` finite numbers, and valid release settings.
+
+    Raises:
+        ValueError: wrong shape, NaN or +-inf (naming the dims), bad decimals or epsilon.
+    """
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.shape != (dim,):
+        raise ValueError(f"{what} must have shape ({dim},), got {arr.shape}")
+    bad = np.flatnonzero(~np.isfinite(arr))
+    if bad.size:
+        raise ValueError(f"{what}: non-finite values at dims {bad.tolist()}; refusing to send it")
+    if not (isinstance(decimals, int) and 0 <= decimals <= 6):
+        raise ValueError(f"decimals must be an int in [0, 6], got {decimals!r}")
+    if epsilon is not None and not (math.isfinite(epsilon) and epsilon > 0):
+        raise ValueError(f"epsilon must be positive and finite, got {epsilon!r}")
+    return arr
+
+
 def sanitize_profile(
     vec: np.ndarray,
     *,
@@ -206,16 +225,7 @@ def sanitize_profile(
     Raises:
         ValueError: wrong shape, NaN or +-inf anywhere, bad decimals or epsilon.
     """
-    arr = np.asarray(vec, dtype=np.float64)
-    if arr.shape != (PROFILE_DIM,):
-        raise ValueError(f"profile must have shape ({PROFILE_DIM},), got {arr.shape}")
-    bad = np.flatnonzero(~np.isfinite(arr))
-    if bad.size:
-        raise ValueError(f"profile has non-finite values at dims {bad.tolist()}; refusing to send it")
-    if not (isinstance(decimals, int) and 0 <= decimals <= 6):
-        raise ValueError(f"decimals must be an int in [0, 6], got {decimals!r}")
-    if epsilon is not None and not (math.isfinite(epsilon) and epsilon > 0):
-        raise ValueError(f"epsilon must be positive and finite, got {epsilon!r}")
+    arr = _checked_release(vec, PROFILE_DIM, "profile", decimals, epsilon)
     out = np.clip(arr, LOWER, UPPER)
     onehot = np.zeros(FAMILY_SLICE.stop - FAMILY_SLICE.start)
     onehot[int(np.argmax(out[FAMILY_SLICE]))] = 1.0
@@ -275,16 +285,7 @@ def sanitize_skills(
     Raises:
         ValueError: wrong shape, NaN or +-inf anywhere, bad decimals or epsilon.
     """
-    arr = np.asarray(skills, dtype=np.float64)
-    if arr.shape != (SKILLS_DIM,):
-        raise ValueError(f"skills must have shape ({SKILLS_DIM},), got {arr.shape}")
-    bad = np.flatnonzero(~np.isfinite(arr))
-    if bad.size:
-        raise ValueError(f"skills have non-finite values at dims {bad.tolist()}; refusing to send them")
-    if not (isinstance(decimals, int) and 0 <= decimals <= 6):
-        raise ValueError(f"decimals must be an int in [0, 6], got {decimals!r}")
-    if epsilon is not None and not (math.isfinite(epsilon) and epsilon > 0):
-        raise ValueError(f"epsilon must be positive and finite, got {epsilon!r}")
+    arr = _checked_release(skills, SKILLS_DIM, "skills", decimals, epsilon)
     out = np.clip(arr, 0.0, 1.0)
     if epsilon is not None:
         out = np.clip(out + laplace_noise(SKILLS_SENSITIVITY / epsilon, SKILLS_DIM, rng=rng), 0.0, 1.0)

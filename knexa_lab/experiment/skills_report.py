@@ -163,26 +163,14 @@ def skills_markdown(exp: Experiment, results: Sequence[tables.MethodResult], sum
         grid = skill_matrix(exp, r.name)
         if grid is not None:
             out += [f"## {r.label}: final round", ""] + _matrix_md(exp, grid) + [""]
-    quality = summary.get("pair_quality", {})
-    if quality:
-        out += ["## Pair quality", "",
-                "What a method's teacher could teach its student (sum over categories of the teacher's "
-                "skill above the student's, from the round before), mean over pairs; 95% t interval over "
-                "seeds.", "", "| method | teachable gain per pair | n |", "|---|---|---|"]
-        for m, q in quality.items():
-            hw = f" ± {q['half_width']:.3f}" if q.get("half_width") is not None else ""
-            out.append(f"| {tables.label(m)} | {q['mean']:.3f}{hw} | {q['n']} |")
-        out.append("")
-    signal = summary.get("reward_signal", {})
-    if signal:
-        out += ["## Does the reward track the student's real gain?", "",
-                "Spearman correlation, per seed, between the reward each student reported and the change "
-                "of its test Pass@1 in that round; mean and 95% t interval over seeds. Near 0: the "
-                "matchmaker learns from noise.", "", "| method | Spearman(reward, ΔPass@1) | n |", "|---|---|---|"]
-        for m, q in signal.items():
-            hw = f" ± {q['half_width']:.2f}" if q.get("half_width") is not None else ""
-            out.append(f"| {tables.label(m)} | {q['mean']:+.2f}{hw} | {q['n']} |")
-        out.append("")
+    out += _per_method(summary.get("pair_quality", {}), "Pair quality",
+                       "What a method's teacher could teach its student (sum over categories of the teacher's "
+                       "skill above the student's, from the round before), mean over pairs; 95% t interval over "
+                       "seeds.", "teachable gain per pair", ".3f")
+    out += _per_method(summary.get("reward_signal", {}), "Does the reward track the student's real gain?",
+                       "Spearman correlation, per seed, between the reward each student reported and the change "
+                       "of its test Pass@1 in that round; mean and 95% t interval over seeds. Near 0: the "
+                       "matchmaker learns from noise.", "Spearman(reward, ΔPass@1)", "+.2f")
     fractions = summary.get("oracle_fraction", [])
     if fractions:
         out += ["## Fraction of Oracle-P2P's gain over Random-P2P", "",
@@ -193,6 +181,17 @@ def skills_markdown(exp: Experiment, results: Sequence[tables.MethodResult], sum
             out.append(f"| {tables.label(f['method'])} | {f['metric']} | {_ci(mg)} | {_ci(og)} | {frac} |")
         out.append("")
     return "\n".join(out)
+
+
+def _per_method(stats: dict[str, Any], title: str, intro: str, column: str, fmt: str) -> list[str]:
+    """A section with one row per method of a per-seed statistic's mean and 95% half-width."""
+    if not stats:
+        return []
+    out = [f"## {title}", "", intro, "", f"| method | {column} | n |", "|---|---|---|"]
+    for m, q in stats.items():
+        hw = f" ± {q['half_width']:{fmt.lstrip('+')}}" if q.get("half_width") is not None else ""
+        out.append(f"| {tables.label(m)} | {q['mean']:{fmt}}{hw} | {q['n']} |")
+    return out + [""]
 
 
 def _ci(d: dict[str, Any]) -> str:
