@@ -134,3 +134,26 @@ def test_hybrid_state_saved_before_the_skill_terms_loads_as_no_data_on_them() ->
     assert c.select(p, 5) == a.select(p, 5)
     with pytest.raises(ValueError, match="dim"):
         c.load_state_dict({**legacy, "dim": old - 1})
+
+
+def test_a_member_that_claims_every_skill_stops_teaching_once_its_students_report_losses() -> None:
+    """Skills are the member's own claim: one that says it solves everything is matched as a
+    teacher at first, and its students' negative rewards then take it out of the teacher role."""
+    rng = np.random.default_rng(7)
+    n = 8
+    p = wire_profiles(n, 7)
+    ids = [f"n{i}" for i in range(n)]
+    policy = HybridPolicy(seed=7)
+    taught = []
+    for rnd in range(30):
+        skills = (rng.random((n, SKILLS_DIM)) < 0.3).astype(float)
+        claimed = skills.copy()
+        claimed[0] = 1.0  # the liar
+        rows = with_skills(p, claimed)
+        pairs = policy.select(rows, rnd, peer_ids=ids)
+        taught.append(any(t == 0 for t, _ in pairs))
+        for t, s in pairs:
+            reward = -0.1 if t == 0 else 0.02 * _teachable(skills, t, s)
+            policy.observe(rows[t], rows[s], reward + rng.normal(0, 0.02), teacher_id=ids[t], student_id=ids[s])
+    assert sum(taught[:5]) >= 3, taught  # believed at first
+    assert sum(taught[-10:]) <= 2, taught  # then demoted
