@@ -34,6 +34,10 @@ class CpmSection:
     #: trust_weight * badness from its scores (badness: EMA with rate trust_rate); 0 = off
     trust_weight: float = 0.0
     trust_rate: float = 0.2
+    #: hybrid only (knexa_cpm.hybrid): prior mean of the skill-gap coefficient, in reward per
+    #: teachable category (0 = none), and the reward noise assumed until ten rewards are in
+    skill_prior: float = 0.0
+    reward_scale: float = 1.0
     seed: int = 42
     log_level: str = "INFO"
     #: "text" (key=value) or "json" (one JSON object per line)
@@ -61,6 +65,8 @@ class CpmSection:
             raise ValueError("min_participants must be >= 2 (a pair needs two peers)")
         if self.round_timeout_s <= 0:
             raise ValueError("round_timeout_s must be > 0")
+        if not (self.skill_prior >= 0 and self.reward_scale > 0):
+            raise ValueError("skill_prior must be >= 0 and reward_scale > 0")
         if not self.trust_weight >= 0 or not 0 < self.trust_rate <= 1:
             raise ValueError("trust_weight must be >= 0 and trust_rate in (0, 1]")
 

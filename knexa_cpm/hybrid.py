@@ -30,6 +30,16 @@ The model, for ordered pair (t, s):
 - theta: Bayesian ridge (prior lam * I) on raw rewards; each round one theta is drawn from the
   posterior N(A^-1 b, v^2 sigma^2 A^-1) (Thompson sampling: exploration without a width term, so
   scoring needs no x' A^-1 x per pair).
+- skill prior (optional, `skill_prior` > 0): what knowledge distillation can teach is what the
+  teacher knows and the student does not, so the skill-gap coefficient may start at a positive
+  prior mean m0 (reward per teachable category), every other coefficient at 0, held with
+  `skill_prior_weight` pseudo-rewards per coefficient: A0 = (lam + w) I, b0 = A0 m0 e_gap. That
+  is a prior model of the reward, "m0 per category the teacher can add, nothing else". The
+  first round then pairs by shared skill gaps instead of at random, and the rewards overrule the
+  prior once they outweigh it (the skill gap's own term within a round or two at N = 8; terms
+  with small values, such as JS, take longer). `reward_scale` is the reward noise assumed until ten residuals are in (1.0, the
+  synthetic world's unit, by default); with rewards in nats of validation loss (~0.1) a unit
+  scale makes the first rounds' draws pure noise.
 - b_t (per teacher id) and a_{ts} (per unordered pair of ids): Gaussian random effects fitted to
   the residuals of the linear part, shrunk towards 0 with prior variances tau_t^2 and tau_p^2, and
   also sampled each round. They need ids (`peer_ids` in select, `teacher_id`/`student_id` in
@@ -178,6 +188,10 @@ class HybridPolicy(Policy):
         recency_decay: per-round decay of the "t taught s recently" feature.
         seed: Thompson draws and greedy tie-breaks.
         compact: the five pair terms only (`HybridFeatures`); chosen with context "compact".
+        skill_prior, skill_prior_weight: prior mean of the skill-gap coefficient (reward per
+            teachable category; 0 = no prior, the default) and its weight in pseudo-rewards per
+            coefficient (all coefficients: the prior says the rest are 0).
+        reward_scale: the reward noise sigma assumed until ten residuals are in.
         trust_weight, trust_rate: as `LinUCBPolicy` (0 = off).
     """
 
@@ -187,8 +201,11 @@ class HybridPolicy(Policy):
     def __init__(self, *, lam: float = 1.0, explore: float = 0.3, tau_teacher: float = 0.5,
                  tau_pair: float = 0.0, recency_decay: float = 0.8, seed: int = 42,
                  trust_weight: float = 0.0, trust_rate: float = 0.2, forget: float = 1.0,
-                 compact: bool = False) -> None:
+                 compact: bool = False, skill_prior: float = 0.0, skill_prior_weight: float = 25.0,
+                 reward_scale: float = 1.0) -> None:
         super().__init__(seed)
+        if not (math.isfinite(skill_prior) and skill_prior >= 0 and skill_prior_weight >= 0 and reward_scale > 0):
+            raise ValueError("need skill_prior >= 0, skill_prior_weight >= 0 and reward_scale > 0")
         if not 0 < forget <= 1:
             raise ValueError("forget must be in (0, 1]")
         self.forget = float(forget)
@@ -197,12 +214,12 @@ class HybridPolicy(Policy):
         if trust_weight < 0 or not 0 < trust_rate <= 1:
             raise ValueError("trust_weight must be >= 0 and trust_rate in (0, 1]")
         self.features = HybridFeatures(compact)
-        d = self.features.dim
         self.lam, self.explore = float(lam), float(explore)
         self.tau_teacher, self.tau_pair, self.recency_decay = float(tau_teacher), float(tau_pair), float(recency_decay)
         self.trust_weight, self.trust_rate = float(trust_weight), float(trust_rate)
-        self.A = self.lam * np.eye(d)
-        self.b = np.zeros(d)
+        self.skill_prior, self.skill_prior_weight = float(skill_prior), float(skill_prior_weight)
+        self.reward_scale = float(reward_scale)
+        self.A, self.b = self._prior()
         self.resid = RunningNorm()  # residual scale: sigma of the reward noise
         self.rewards = RunningNorm()  # raw reward scale: the unit of the trust penalty
         self.teacher = _Effects()
@@ -216,11 +233,21 @@ class HybridPolicy(Policy):
     def _rows(self, profiles: np.ndarray) -> np.ndarray:
         return _skill_rows(profiles)
 
+    def _prior(self) -> tuple[np.ndarray, np.ndarray]:
+        """(A0, b0): ridge lam * I, plus the skill prior on the skill-gap coefficient."""
+        d = self.features.dim
+        a0 = self.lam * np.eye(d)
+        if self.skill_prior == 0:
+            return a0, np.zeros(d)
+        a0 += self.skill_prior_weight * np.eye(d)
+        gap = d - 2  # the skill-gap term: second to last of the five pair terms
+        return a0, a0[:, gap] * self.skill_prior
+
     # ---- model ---------------------------------------------------------------------------
     @property
     def sigma(self) -> float:
-        """Reward noise estimate (1.0 until ten residuals are in)."""
-        return self.resid.std if self.resid.count >= 10 else 1.0
+        """Reward noise estimate (`reward_scale` until ten residuals are in)."""
+        return self.resid.std if self.resid.count >= 10 else self.reward_scale
 
     def _recency(self, t_id: str, s_id: str) -> float:
         c = self.taught.get(f"{t_id}\x00{s_id}")
@@ -255,8 +282,9 @@ class HybridPolicy(Policy):
         new_round = max(int(round_idx), 0)
         if self.forget < 1 and new_round > self.round:  # old rewards describe an older federation
             f = self.forget ** (new_round - self.round)
-            self.A = f * self.A + (1 - f) * self.lam * np.eye(self.features.dim)
-            self.b *= f
+            a0, b0 = self._prior()
+            self.A = f * self.A + (1 - f) * a0
+            self.b = f * self.b + (1 - f) * b0
         self.round = new_round
         n = profiles.shape[0]
         ids = None if peer_ids is None else [str(x) for x in peer_ids]
@@ -356,10 +384,12 @@ class HybridPolicy(Policy):
             raise ValueError("hybrid state arrays do not match its dim")
         if saved == old:
             # saved before the skill terms: every reward then had both at 0, which is exactly
-            # the ridge prior on the two new dims (lam on the diagonal, nothing in b)
+            # the prior on the two new dims (ridge, plus the skill prior if any)
+            a0, b0 = self._prior()
             a = np.pad(a, (0, dim - old))
-            a[old:, old:] = self.lam * np.eye(dim - old)
+            a[old:, old:] = a0[old:, old:]
             b = np.pad(b, (0, dim - old))
+            b[old:] = b0[old:]
         self.A, self.b = a, b
         self.resid, self.rewards = RunningNorm.from_state(d["resid"]), RunningNorm.from_state(d["rewards"])
         self.teacher.load(d["teacher"])
@@ -369,4 +399,4 @@ class HybridPolicy(Policy):
         self.round = int(d["round"])
 
     def __repr__(self) -> str:
-        return f"HybridPolicy({json.dumps({'lam': self.lam, 'explore': self.explore})})"
+        return f"HybridPolicy({json.dumps({'lam': self.lam, 'explore': self.explore, 'skill_prior': self.skill_prior})})"

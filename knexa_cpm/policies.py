@@ -17,6 +17,8 @@ does not share them). Every policy but `hybrid` reads the first 32 columns only.
 - `RandomPolicy`: Random-P2P, uniformly random disjoint pairs and roles.
 - `HeuristicPolicy`: Heuristic-P2P (supplement Alg. 3), max JS divergence, better performer teaches.
 - `RoundRobinPolicy`: a deterministic rotation, a sanity baseline.
+- `SkillGapPolicy`: no learning; the whole round matched on the skill gaps the nodes share (the
+  hybrid's skill prior alone, to measure what its learning adds).
 - `OraclePolicy`: simulation only; it is handed the true expected-utility matrix each round.
 """
 
@@ -49,13 +51,14 @@ __all__ = [
     "Policy",
     "RandomPolicy",
     "RoundRobinPolicy",
+    "SkillGapPolicy",
     "beta_at",
     "make_policy",
     "profile_row",
 ]
 
 #: what `make_policy` builds; "oracle" needs the hidden utility and exists only in simulation
-POLICY_NAMES: tuple[str, ...] = ("linucb", "hybrid", "random", "heuristic", "round_robin")
+POLICY_NAMES: tuple[str, ...] = ("linucb", "hybrid", "random", "heuristic", "round_robin", "skill_gap")
 BETA_SCHEDULES: tuple[str, ...] = ("inv_sqrt", "exp", "constant")
 #: up to this many agents, policies with `exact_matching` match the whole round (about 3 ms at
 #: 256 agents); above it they fall back to greedy, which fits 1,024 agents in the round's budget
@@ -254,6 +257,26 @@ class HeuristicPolicy(Policy):
         return np.where(perf[:, None] >= perf[None, :], js, -np.inf)
 
 
+class SkillGapPolicy(Policy):
+    """No learning: score each ordered pair by its shared skill gap sum_c max(0, k_t - k_s)
+    (`hybrid.HybridFeatures.skill_gaps`; 0 where either node does not share, ties broken at
+    random) and match the whole round. A deployable heuristic for federations whose nodes share
+    skills, and the ablation of the hybrid's skill prior: what the rewards add on top of it."""
+
+    name = "skill_gap"
+    exact_matching = True
+
+    def _rows(self, profiles: np.ndarray) -> np.ndarray:
+        return _skill_rows(profiles)
+
+    def pair_scores(self, profiles: np.ndarray, round_idx: int,
+                    peer_ids: Sequence[str] | None = None) -> np.ndarray:
+        from .hybrid import HybridFeatures
+
+        gap, _ = HybridFeatures.skill_gaps(profiles)
+        return gap + 1e-6 * self.rng.random(gap.shape)  # below the skills' 0.01 resolution
+
+
 class OraclePolicy(Policy):
     """Simulation only: greedy (or, with `exact`, the maximum-weight matching) on the true
     expected utility, set by `set_utility` every round."""
@@ -391,6 +414,8 @@ class LinUCBPolicy(Policy):
 #: accepted as the default so one config serves both policies
 HYBRID_CONTEXTS: tuple[str, ...] = ("interaction", "concat", "compact")
 _LINUCB_EXTRA = ("beta_schedule", "reinvert_every", "trust_weight", "trust_rate")
+#: the hybrid's own keywords (knexa_cpm.hybrid: the skill prior and the early reward scale)
+_HYBRID_EXTRA = ("skill_prior", "reward_scale")
 
 
 def make_policy(name: str, *, context: str = "interaction", lam: float = 0.01, beta0: float = 1.0,
@@ -405,9 +430,10 @@ def make_policy(name: str, *, context: str = "interaction", lam: float = 0.01, b
         ValueError: unknown policy (including "oracle", which only the simulator can build).
         TypeError: unknown keyword.
     """
-    unknown = sorted(set(kw) - set(_LINUCB_EXTRA))
+    unknown = sorted(set(kw) - set(_LINUCB_EXTRA) - set(_HYBRID_EXTRA))
     if unknown:
         raise TypeError(f"make_policy() got unexpected keyword(s) {unknown}")
+    hybrid_kw = {k: float(kw.pop(k)) for k in _HYBRID_EXTRA if k in kw}
     if name == "linucb":
         return LinUCBPolicy(context=context, lam=lam, beta0=beta0, beta_decay=beta_decay, seed=seed, **kw)
     if name == "hybrid":  # its own priors; lam/beta are LinUCB's and do not apply
@@ -416,9 +442,11 @@ def make_policy(name: str, *, context: str = "interaction", lam: float = 0.01, b
         if context not in HYBRID_CONTEXTS:
             raise ValueError(f"hybrid context must be one of {HYBRID_CONTEXTS}, got {context!r}")
         return HybridPolicy(seed=seed, trust_weight=float(kw.get("trust_weight", 0.0)),
-                            trust_rate=float(kw.get("trust_rate", 0.2)), compact=context == "compact")
+                            trust_rate=float(kw.get("trust_rate", 0.2)), compact=context == "compact",
+                            **hybrid_kw)
     simple: dict[str, type[Policy]] = {
         "random": RandomPolicy, "heuristic": HeuristicPolicy, "round_robin": RoundRobinPolicy,
+        "skill_gap": SkillGapPolicy,
     }
     if name in simple:
         return simple[name](seed)

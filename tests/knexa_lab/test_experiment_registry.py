@@ -17,7 +17,8 @@ from knexa_lab.experiment.methods import (
 
 OWN = {"local-only": "LocalOnly", "random-p2p": "RandomP2P", "heuristic-p2p": "HeuristicP2P",
        "knexa-fl": "KnexaFL", "knexa-fl-concat": "KnexaFLConcat", "knexa-fl-hybrid": "KnexaFLHybrid",
-       "knexa-fl-skills": "KnexaFLSkills", "knexa-fl-compact": "KnexaFLCompact", "fedavg": "FedAvg"}
+       "knexa-fl-skills": "KnexaFLSkills", "knexa-fl-compact": "KnexaFLCompact",
+       "knexa-fl-prior": "KnexaFLPrior", "skill-gap-p2p": "SkillGapP2P", "fedavg": "FedAvg"}
 
 
 def test_every_method_of_the_comparison_is_registered():
@@ -39,10 +40,13 @@ def test_p2p_methods_differ_only_in_their_matchmaker():
     assert got == {"random-p2p": ("random", "interaction"), "heuristic-p2p": ("heuristic", "interaction"),
                    "knexa-fl": ("linucb", "interaction"), "knexa-fl-concat": ("linucb", "concat"),
                    "knexa-fl-hybrid": ("hybrid", "interaction"), "knexa-fl-skills": ("hybrid", "interaction"),
-                   "knexa-fl-compact": ("hybrid", "compact")}
-    # and in what their nodes send: only knexa-fl-skills shares per-category skills by default
-    assert {n for n in P2P_METHODS if method_class(n).defaults.get("share_skills")} == {"knexa-fl-skills",
-                                                                                       "knexa-fl-compact"}
+                   "knexa-fl-compact": ("hybrid", "compact"), "knexa-fl-prior": ("hybrid", "compact"),
+                   "skill-gap-p2p": ("skill_gap", "interaction")}
+    # and in what their nodes send: only the skills methods share per-category skills by default
+    assert {n for n in P2P_METHODS if method_class(n).defaults.get("share_skills")} == {
+        "knexa-fl-skills", "knexa-fl-compact", "knexa-fl-prior", "skill-gap-p2p"}
+    # and only knexa-fl-prior starts its hybrid from the skill prior
+    assert {n for n in P2P_METHODS if method_class(n).defaults.get("skill_prior")} == {"knexa-fl-prior"}
 
 
 def test_unknown_names_are_listed_with_the_known_ones():

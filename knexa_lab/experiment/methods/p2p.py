@@ -23,8 +23,9 @@ Subclasses only choose the policy: ``random-p2p`` (uniform random pairs), ``heur
 (supplement Alg. 3), ``knexa-fl`` (LinUCB, interaction context, our default) and
 ``knexa-fl-concat`` (LinUCB on the paper's concatenated ``[p_i, p_j]``), ``knexa-fl-hybrid`` (the
 CPM's hybrid policy), ``knexa-fl-skills`` (hybrid, with nodes that share their validation
-Pass@1 per category, ``share_skills``) and ``knexa-fl-compact`` (the same with the compact hybrid:
-five pair terms). ``[methods.<name>]``
+Pass@1 per category, ``share_skills``), ``knexa-fl-compact`` (the same with the compact hybrid:
+five pair terms), ``knexa-fl-prior`` (compact, with a prior that the skill gap pays) and
+``skill-gap-p2p`` (no learning: matched on the shared skill gaps). ``[methods.<name>]``
 may override any key of :data:`SETTINGS`.
 """
 
@@ -43,7 +44,8 @@ from knexa_node.config import NodeSection
 
 from .base import Client, ClientStep, RoundContext, package_bytes
 
-__all__ = ["SETTINGS", "HeuristicP2P", "KnexaFL", "KnexaFLCompact", "KnexaFLConcat", "KnexaFLHybrid", "KnexaFLSkills",
+__all__ = ["SETTINGS", "HeuristicP2P", "KnexaFL", "KnexaFLCompact", "KnexaFLConcat", "KnexaFLHybrid", "KnexaFLPrior",
+           "KnexaFLSkills", "SkillGapP2P",
            "PeerToPeer", "RandomP2P", "policy_seed"]
 
 logger = logging.getLogger(__name__)
@@ -55,6 +57,8 @@ SETTINGS: dict[str, Any] = {
     # matchmaker (knexa_cpm.policies.make_policy); seed None = derived from the clients' seeds
     "policy": None, "context": None, "lam": _CPM.lam, "beta0": _CPM.beta0, "beta_decay": 0.05,
     "beta_schedule": "inv_sqrt", "trust_weight": 0.0, "trust_rate": 0.2, "seed": None,
+    # hybrid only: the skill prior and the early reward scale (knexa_cpm.hybrid)
+    "skill_prior": _CPM.skill_prior, "reward_scale": _CPM.reward_scale,
     # pairs per round (0 = floor(N/2), the CPM's default)
     "k_max": 0,
     # node side: Eq. 3 weights and profile sanitization
@@ -102,7 +106,8 @@ class PeerToPeer:
         self.policy = make_policy(s["policy"], context=s["context"], lam=float(s["lam"]), beta0=float(s["beta0"]),
                                   beta_decay=float(s["beta_decay"]), seed=s["seed"],
                                   beta_schedule=s["beta_schedule"], trust_weight=float(s["trust_weight"]),
-                                  trust_rate=float(s["trust_rate"]))
+                                  trust_rate=float(s["trust_rate"]), skill_prior=float(s["skill_prior"]),
+                                  reward_scale=float(s["reward_scale"]))
 
     def profiles(self, ctx: RoundContext) -> np.ndarray:
         """Sanitized profile rows in client order, as each node would send them: (N, 32), or
@@ -233,6 +238,30 @@ class KnexaFLCompact(PeerToPeer):
     name: ClassVar[str] = "knexa-fl-compact"
     policy_name: ClassVar[str] = "hybrid"
     context: ClassVar[str] = "compact"
+    defaults: ClassVar[dict[str, Any]] = {"share_skills": True}
+
+
+class KnexaFLPrior(PeerToPeer):
+    """knexa-fl-compact whose skill-gap coefficient starts at a prior mean (knexa_cpm.hybrid):
+    the first rounds pair by shared skill gaps, the rewards take over as they come in.
+
+    The values: 0.01 reward per teachable category is the order of the skill-gap coefficients
+    that knexa-fl-skills learned on the skills benchmark (0.002-0.021, docs/skills.md), and
+    0.1 nats the order of a KD step's validation-loss change (rewards' sd 0.08 there); both are
+    reward units, not a fit to any one run."""
+
+    name: ClassVar[str] = "knexa-fl-prior"
+    policy_name: ClassVar[str] = "hybrid"
+    context: ClassVar[str] = "compact"
+    defaults: ClassVar[dict[str, Any]] = {"share_skills": True, "skill_prior": 0.01, "reward_scale": 0.1}
+
+
+class SkillGapP2P(PeerToPeer):
+    """No learning: whole-round matching on the skill gaps the nodes share (the ablation of
+    knexa-fl-prior's learning)."""
+
+    name: ClassVar[str] = "skill-gap-p2p"
+    policy_name: ClassVar[str] = "skill_gap"
     defaults: ClassVar[dict[str, Any]] = {"share_skills": True}
 
 
