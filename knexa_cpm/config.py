@@ -38,6 +38,8 @@ class CpmSection:
     #: teachable category (0 = none), and the reward noise assumed until ten rewards are in
     skill_prior: float = 0.0
     reward_scale: float = 1.0
+    #: hybrid only: scale of its Thompson draw (1 = the posterior itself, 0 = greedy on the mean)
+    explore: float = 0.3
     seed: int = 42
     log_level: str = "INFO"
     #: "text" (key=value) or "json" (one JSON object per line)
@@ -65,8 +67,8 @@ class CpmSection:
             raise ValueError("min_participants must be >= 2 (a pair needs two peers)")
         if self.round_timeout_s <= 0:
             raise ValueError("round_timeout_s must be > 0")
-        if not (self.skill_prior >= 0 and self.reward_scale > 0):
-            raise ValueError("skill_prior must be >= 0 and reward_scale > 0")
+        if not (self.skill_prior >= 0 and self.reward_scale > 0 and self.explore >= 0):
+            raise ValueError("skill_prior and explore must be >= 0 and reward_scale > 0")
         if not self.trust_weight >= 0 or not 0 < self.trust_rate <= 1:
             raise ValueError("trust_weight must be >= 0 and trust_rate in (0, 1]")
 

@@ -414,8 +414,9 @@ class LinUCBPolicy(Policy):
 #: accepted as the default so one config serves both policies
 HYBRID_CONTEXTS: tuple[str, ...] = ("interaction", "concat", "compact")
 _LINUCB_EXTRA = ("beta_schedule", "reinvert_every", "trust_weight", "trust_rate")
-#: the hybrid's own keywords (knexa_cpm.hybrid: the skill prior and the early reward scale)
-_HYBRID_EXTRA = ("skill_prior", "reward_scale")
+#: the hybrid's own keywords (knexa_cpm.hybrid: the skill prior, the early reward scale and the
+#: scale of the Thompson draw)
+_HYBRID_EXTRA = ("skill_prior", "reward_scale", "explore")
 
 
 def make_policy(name: str, *, context: str = "interaction", lam: float = 0.01, beta0: float = 1.0,

@@ -43,7 +43,7 @@ DAEMON_SETTINGS: dict[str, tuple[str, str]] = {
     "gamma": ("node", "reward_gamma"), "delta": ("node", "reward_delta"),
     "profile_decimals": ("node", "profile_decimals"), "profile_epsilon": ("node", "profile_epsilon"),
     "share_skills": ("node", "share_skills"),
-    "skill_prior": ("cpm", "skill_prior"), "reward_scale": ("cpm", "reward_scale"),
+    "skill_prior": ("cpm", "skill_prior"), "reward_scale": ("cpm", "reward_scale"), "explore": ("cpm", "explore"),
 }  # fmt: skip
 
 

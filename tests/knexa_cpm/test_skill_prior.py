@@ -81,13 +81,19 @@ def test_the_skill_prior_pairs_the_first_round_by_skill_gaps_before_any_reward()
         plain.append(_total_gap(rows, blind.select(rows, 0, peer_ids=IDS)) / best)
     assert np.mean(prior) > 0.75, prior  # random pairs reach ~0.65 of the best total gap here
     assert np.mean(prior) > np.mean(plain) + 0.1, (prior, plain)  # without the prior, round 0 is a guess
+    for seed in range(4):  # without the draw, round 0 is the skill-gap matching itself
+        rows = _rows(seed)
+        greedy = _prior_policy(seed, explore=0.0).select(rows, 0, peer_ids=IDS)
+        assert _total_gap(rows, greedy) == pytest.approx(_best_total_gap(rows), abs=1e-4)
 
 
-def test_rewards_overrule_a_wrong_skill_prior() -> None:
+@pytest.mark.parametrize("explore", [0.3, 0.0])
+def test_rewards_overrule_a_wrong_skill_prior(explore: float) -> None:
     """A federation where the shared skills mislead (teachers that claim more hurt more): the
-    rewards must turn the skill-gap coefficient negative and the matching away from big gaps."""
+    rewards must turn the skill-gap coefficient negative and the matching away from big gaps,
+    with or without the Thompson draw (greedy learns from the pairs the prior chose)."""
     rng = np.random.default_rng(3)
-    policy = _prior_policy(3)
+    policy = _prior_policy(3, explore=explore)
     base = wire_profiles(N, 3)
     late, best = [], []
     for rnd in range(12):
@@ -135,4 +141,7 @@ def test_skill_prior_settings_are_checked() -> None:
         CpmSection(skill_prior=-1.0)
     with pytest.raises(ValueError, match="reward_scale"):
         CpmSection(reward_scale=0.0)
+    with pytest.raises(ValueError, match="explore"):
+        CpmSection(explore=-0.1)
+    assert make_policy("hybrid", explore=0.0).explore == 0.0
     assert make_policy("linucb", skill_prior=0.5).name == "linucb"  # one config serves every policy

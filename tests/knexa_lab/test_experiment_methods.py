@@ -142,7 +142,8 @@ def test_daemons_mode_turns_skills_sharing_on_in_the_nodes_of_the_skills_methods
     assert _daemon_configs(cfg, "knexa-fl-hybrid", 1)[1]["share_skills"] is False
     cpm, node = _daemon_configs(cfg, "knexa-fl-compact", 1)
     assert (cpm["policy"], cpm["context"], node["share_skills"]) == ("hybrid", "compact", True)
-    assert (cpm["skill_prior"], cpm["reward_scale"]) == (0.0, 1.0)  # the CPM's defaults
+    assert (cpm["skill_prior"], cpm["reward_scale"], cpm["explore"]) == (0.0, 1.0, 0.3)  # the CPM's defaults
+    assert _daemon_configs(cfg, "knexa-fl-prior-greedy", 1)[0]["explore"] == 0.0
     cpm, node = _daemon_configs(cfg, "knexa-fl-prior", 1)
     assert (cpm["policy"], cpm["context"], cpm["skill_prior"], cpm["reward_scale"], node["share_skills"]) == (
         "hybrid", "compact", 0.01, 0.1, True)

@@ -18,7 +18,8 @@ from knexa_lab.experiment.methods import (
 OWN = {"local-only": "LocalOnly", "random-p2p": "RandomP2P", "heuristic-p2p": "HeuristicP2P",
        "knexa-fl": "KnexaFL", "knexa-fl-concat": "KnexaFLConcat", "knexa-fl-hybrid": "KnexaFLHybrid",
        "knexa-fl-skills": "KnexaFLSkills", "knexa-fl-compact": "KnexaFLCompact",
-       "knexa-fl-prior": "KnexaFLPrior", "skill-gap-p2p": "SkillGapP2P", "fedavg": "FedAvg"}
+       "knexa-fl-prior": "KnexaFLPrior", "knexa-fl-prior-greedy": "KnexaFLPriorGreedy",
+       "skill-gap-p2p": "SkillGapP2P", "fedavg": "FedAvg"}
 
 
 def test_every_method_of_the_comparison_is_registered():
@@ -41,12 +42,14 @@ def test_p2p_methods_differ_only_in_their_matchmaker():
                    "knexa-fl": ("linucb", "interaction"), "knexa-fl-concat": ("linucb", "concat"),
                    "knexa-fl-hybrid": ("hybrid", "interaction"), "knexa-fl-skills": ("hybrid", "interaction"),
                    "knexa-fl-compact": ("hybrid", "compact"), "knexa-fl-prior": ("hybrid", "compact"),
-                   "skill-gap-p2p": ("skill_gap", "interaction")}
+                   "knexa-fl-prior-greedy": ("hybrid", "compact"), "skill-gap-p2p": ("skill_gap", "interaction")}
     # and in what their nodes send: only the skills methods share per-category skills by default
     assert {n for n in P2P_METHODS if method_class(n).defaults.get("share_skills")} == {
-        "knexa-fl-skills", "knexa-fl-compact", "knexa-fl-prior", "skill-gap-p2p"}
-    # and only knexa-fl-prior starts its hybrid from the skill prior
-    assert {n for n in P2P_METHODS if method_class(n).defaults.get("skill_prior")} == {"knexa-fl-prior"}
+        "knexa-fl-skills", "knexa-fl-compact", "knexa-fl-prior", "knexa-fl-prior-greedy", "skill-gap-p2p"}
+    # and only the prior methods start their hybrid from the skill prior; the greedy one never draws
+    assert {n for n in P2P_METHODS if method_class(n).defaults.get("skill_prior")} == {"knexa-fl-prior",
+                                                                                      "knexa-fl-prior-greedy"}
+    assert method_class("knexa-fl-prior-greedy").defaults["explore"] == 0.0
 
 
 def test_unknown_names_are_listed_with_the_known_ones():

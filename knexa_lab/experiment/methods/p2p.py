@@ -24,7 +24,8 @@ Subclasses only choose the policy: ``random-p2p`` (uniform random pairs), ``heur
 ``knexa-fl-concat`` (LinUCB on the paper's concatenated ``[p_i, p_j]``), ``knexa-fl-hybrid`` (the
 CPM's hybrid policy), ``knexa-fl-skills`` (hybrid, with nodes that share their validation
 Pass@1 per category, ``share_skills``), ``knexa-fl-compact`` (the same with the compact hybrid:
-five pair terms), ``knexa-fl-prior`` (compact, with a prior that the skill gap pays) and
+five pair terms), ``knexa-fl-prior`` (compact, with a prior that the skill gap pays),
+``knexa-fl-prior-greedy`` (the same without the Thompson draw) and
 ``skill-gap-p2p`` (no learning: matched on the shared skill gaps). ``[methods.<name>]``
 may override any key of :data:`SETTINGS`.
 """
@@ -45,6 +46,7 @@ from knexa_node.config import NodeSection
 from .base import Client, ClientStep, RoundContext, package_bytes
 
 __all__ = ["SETTINGS", "HeuristicP2P", "KnexaFL", "KnexaFLCompact", "KnexaFLConcat", "KnexaFLHybrid", "KnexaFLPrior",
+           "KnexaFLPriorGreedy",
            "KnexaFLSkills", "SkillGapP2P",
            "PeerToPeer", "RandomP2P", "policy_seed"]
 
@@ -58,7 +60,7 @@ SETTINGS: dict[str, Any] = {
     "policy": None, "context": None, "lam": _CPM.lam, "beta0": _CPM.beta0, "beta_decay": 0.05,
     "beta_schedule": "inv_sqrt", "trust_weight": 0.0, "trust_rate": 0.2, "seed": None,
     # hybrid only: the skill prior and the early reward scale (knexa_cpm.hybrid)
-    "skill_prior": _CPM.skill_prior, "reward_scale": _CPM.reward_scale,
+    "skill_prior": _CPM.skill_prior, "reward_scale": _CPM.reward_scale, "explore": _CPM.explore,
     # pairs per round (0 = floor(N/2), the CPM's default)
     "k_max": 0,
     # node side: Eq. 3 weights and profile sanitization
@@ -107,7 +109,7 @@ class PeerToPeer:
                                   beta_decay=float(s["beta_decay"]), seed=s["seed"],
                                   beta_schedule=s["beta_schedule"], trust_weight=float(s["trust_weight"]),
                                   trust_rate=float(s["trust_rate"]), skill_prior=float(s["skill_prior"]),
-                                  reward_scale=float(s["reward_scale"]))
+                                  reward_scale=float(s["reward_scale"]), explore=float(s["explore"]))
 
     def profiles(self, ctx: RoundContext) -> np.ndarray:
         """Sanitized profile rows in client order, as each node would send them: (N, 32), or
@@ -254,6 +256,15 @@ class KnexaFLPrior(PeerToPeer):
     policy_name: ClassVar[str] = "hybrid"
     context: ClassVar[str] = "compact"
     defaults: ClassVar[dict[str, Any]] = {"share_skills": True, "skill_prior": 0.01, "reward_scale": 0.1}
+
+
+class KnexaFLPriorGreedy(KnexaFLPrior):
+    """knexa-fl-prior without the Thompson draw (explore 0): each round the posterior mean's best
+    matching. Round 0 is then the skill-gap matching itself, and only evidence moves it away;
+    on the skills benchmark the draw's exploration cost more than it found (docs/skills.md)."""
+
+    name: ClassVar[str] = "knexa-fl-prior-greedy"
+    defaults: ClassVar[dict[str, Any]] = {**KnexaFLPrior.defaults, "explore": 0.0}
 
 
 class SkillGapP2P(PeerToPeer):
