@@ -339,10 +339,11 @@ class PrivacyAccountant:
     released skills are re-sent (free), or none at all if there never was one.
     """
 
-    def __init__(self, epsilon: float, budget: float = math.inf) -> None:
+    def __init__(self, epsilon: float, budget: float = math.inf, *, shares_skills: bool = False) -> None:
         self.epsilon = 0.0
         self.budget = math.inf
-        self.configure(epsilon, budget)
+        self.shares_skills = False
+        self.configure(epsilon, budget, shares_skills=shares_skills)
         self.spent = 0.0
         self.releases = 0
         self.unnoised_releases = 0  # sent with noise off: their privacy loss is unbounded
@@ -351,14 +352,16 @@ class PrivacyAccountant:
         self.skills_releases = 0  # fresh skills releases (noised, or unnoised with noise off)
         self.last_skills: np.ndarray | None = None  # the skills last released
 
-    def configure(self, epsilon: float, budget: float) -> None:
-        """Set the per-release epsilon and the total budget (SIGHUP); what was spent stays spent."""
+    def configure(self, epsilon: float, budget: float, *, shares_skills: bool = False) -> None:
+        """Set the per-release epsilon, the total budget and whether skills are released too, so
+        a round costs two releases (SIGHUP); what was spent stays spent."""
         if not (math.isfinite(epsilon) and epsilon >= 0):
             raise ValueError(f"epsilon must be >= 0 and finite, got {epsilon!r}")
         if math.isnan(budget) or budget < 0:
             raise ValueError(f"budget must be >= 0 (inf = no limit), got {budget!r}")
         self.epsilon = float(epsilon)
         self.budget = float(budget)
+        self.shares_skills = bool(shares_skills)
 
     @property
     def noise_on(self) -> bool:
@@ -423,10 +426,12 @@ class PrivacyAccountant:
         return None if self.last_skills is None else self.last_skills.copy()
 
     def summary(self) -> dict[str, Any]:
-        """What `status` shows: per-round epsilon, spent and total budget, releases, exhaustion."""
+        """What `status` shows: epsilon per release and per round (two releases when skills are
+        shared), spent and total budget, releases, exhaustion."""
         return {
             "noise": "laplace" if self.noise_on else "off",
-            "epsilon_per_round": self.epsilon,
+            "epsilon_per_release": self.epsilon,
+            "epsilon_per_round": self.epsilon * (2 if self.shares_skills else 1),
             "epsilon_spent": None if self.unnoised_releases else round(self.spent, 6),  # None = unbounded
             "epsilon_budget": None if math.isinf(self.budget) else self.budget,
             "releases": self.releases,

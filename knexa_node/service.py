@@ -174,7 +174,8 @@ class NodeService:
         self.history: list[PerfPoint] = [PerfPoint(**p) for p in state.get("history", [])]
         self.counters: dict[str, int] = state.get("counters", {})
         # profile noise is drawn from the OS CSPRNG; the spent epsilon survives restarts
-        self.privacy = PrivacyAccountant(cfg.profile_epsilon, cfg.profile_epsilon_budget or math.inf)
+        self.privacy = PrivacyAccountant(cfg.profile_epsilon, cfg.profile_epsilon_budget or math.inf,
+                                         shares_skills=cfg.share_skills)
         self.privacy.load_state(state.get("privacy", {}))
         self.metrics.observe_privacy(self.privacy.summary())
         if "replay" in state:  # consumed directives stay consumed across restarts
@@ -274,7 +275,8 @@ class NodeService:
         ids, addrs = merged_roster(cfg.roster, cfg.roster_file)
         self.cfg = cfg
         self.roster = frozenset(base58.b58decode(p) for p in ids)
-        self.privacy.configure(cfg.profile_epsilon, cfg.profile_epsilon_budget or math.inf)
+        self.privacy.configure(cfg.profile_epsilon, cfg.profile_epsilon_budget or math.inf,
+                               shares_skills=cfg.share_skills)
         self.roster_addrs = addrs
         set_level(cfg.log_level)
         logger.info("reload: applied %s; roster=%d dial=%d", sorted(applied) or "nothing new", len(self.roster),

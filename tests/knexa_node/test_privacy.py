@@ -109,7 +109,8 @@ def test_accountant_adds_up_and_freezes_at_the_budget() -> None:
     assert acc.exhausted and acc.spent == pytest.approx(30.0) and acc.frozen_releases == 1
     assert np.array_equal(frozen[PERF_SLICE], sent[-1][PERF_SLICE])
     assert np.array_equal(frozen[HIST_SLICE], sent[-1][HIST_SLICE])
-    assert acc.summary() == {"noise": "laplace", "epsilon_per_round": 10.0, "epsilon_spent": 30.0,
+    assert acc.summary() == {"noise": "laplace", "epsilon_per_release": 10.0, "epsilon_per_round": 10.0,
+                             "epsilon_spent": 30.0,
                              "epsilon_budget": 35.0, "releases": 3, "frozen_releases": 1, "skills_releases": 0,
                              "exhausted": True}
     # raising the budget (SIGHUP) allows fresh releases again; what was spent stays spent
@@ -197,6 +198,11 @@ def test_a_skills_release_is_charged_like_a_profile_release() -> None:
     assert not np.array_equal(out, np.round(SKILLS, 6))  # noised
     assert acc.spent == pytest.approx(20.0) and acc.releases == 1 and acc.skills_releases == 1
     assert acc.summary()["skills_releases"] == 1 and acc.summary()["epsilon_spent"] == 20.0
+    # what status reports per round follows the node's setting, not a guess from past releases
+    assert acc.summary()["epsilon_per_round"] == 10.0
+    acc.configure(10.0, 100.0, shares_skills=True)
+    assert acc.summary()["epsilon_per_round"] == 20.0 and acc.summary()["epsilon_per_release"] == 10.0
+    assert PrivacyAccountant(5.0, shares_skills=True).summary()["epsilon_per_round"] == 10.0
 
 
 def test_skills_freeze_at_the_last_release_once_the_budget_is_spent() -> None:
