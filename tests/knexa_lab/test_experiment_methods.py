@@ -150,3 +150,30 @@ def test_daemons_mode_turns_skills_sharing_on_in_the_nodes_of_the_skills_methods
     from knexa_cpm.config import CpmSection
 
     CpmSection(**{k: v for k, v in cpm.items() if k != "seed"})  # a config knexa-cpm serve accepts
+
+
+def test_the_prior_methods_build_the_matchmaker_their_settings_name(clients, tmp_path):
+    from knexa_cpm.hybrid import HybridFeatures, HybridPolicy
+    from knexa_cpm.policies import SkillGapPolicy
+    from knexa_lab.experiment.methods.base import RoundContext
+    from knexa_lab.experiment.methods.p2p import KnexaFLPrior, KnexaFLPriorGreedy, SkillGapP2P
+
+    prior, greedy, gap = KnexaFLPrior(), KnexaFLPriorGreedy(), SkillGapP2P()
+    for m in (prior, greedy, gap):
+        m.setup(clients, {"profile_epsilon": 0}, tmp_path / m.name)
+    assert isinstance(prior.policy, HybridPolicy) and prior.policy.features.compact
+    assert (prior.policy.skill_prior, prior.policy.reward_scale, prior.policy.explore) == (0.01, 0.1, 0.3)
+    assert greedy.policy.explore == 0.0 and greedy.policy.skill_prior == 0.01
+    assert isinstance(gap.policy, SkillGapPolicy)
+    ctx = RoundContext(round_idx=0, total_rounds=1, clients=clients, rng=np.random.default_rng(0), history={},
+                       settings={}, workdir=tmp_path)
+    rows = gap.profiles(ctx)  # the nodes' shared skills: the skill gaps both matchers see
+    scores, _ = HybridFeatures.skill_gaps(rows)
+    ids = [c.name for c in clients]
+
+    def total(pairs):
+        return sum(scores[t, s] for t, s in pairs)
+
+    # greedy's first round is the skill-gap matching itself (the same total gap; ties may differ)
+    assert total(greedy.policy.select(rows, 0, peer_ids=ids)) == pytest.approx(
+        total(gap.policy.select(rows, 0, peer_ids=ids)), abs=1e-4)
