@@ -33,7 +33,7 @@ from .stats import mean_ci, paired_difference
 if TYPE_CHECKING:
     from .report import Experiment
 
-__all__ = ["has_skills", "oracle_fraction", "pair_quality", "reward_signal", "skill_matrix", "skills_markdown",
+__all__ = ["category_skills", "has_skills", "oracle_fraction", "pair_quality", "reward_signal", "skill_matrix", "skills_markdown",
            "skills_plots", "skills_summary"]
 
 SKILLS_MD = "skills.md"
@@ -44,7 +44,8 @@ def has_skills(exp: Experiment) -> bool:
     return any(r.get("categories") for r in exp.rows)
 
 
-def _skills(row: dict[str, Any]) -> np.ndarray:
+def category_skills(row: dict[str, Any]) -> np.ndarray:
+    """A metrics row's test Pass@1 per category, in protocol.CATEGORIES order (0 where absent)."""
     cats = row.get("categories") or {}
     return np.array([float(cats.get(c, 0.0)) for c in CATEGORIES])
 
@@ -58,7 +59,7 @@ def skill_matrix(exp: Experiment, method: str, round_no: int | None = None) -> n
     acc: dict[str, list[np.ndarray]] = defaultdict(list)
     for r in rows:
         if r["round"] == rnd:
-            acc[r["client"]].append(_skills(r))
+            acc[r["client"]].append(category_skills(r))
     if not acc:
         return None
     return np.array([np.mean(acc[c], axis=0) if acc.get(c) else np.full(len(CATEGORIES), np.nan)
@@ -77,7 +78,7 @@ def pair_quality(exp: Experiment, method: str) -> dict[int, float]:
         t, s = by_key.get((r["seed"], prev, r["partner"])), by_key.get((r["seed"], prev, r["client"]))
         if t is None or s is None:
             continue
-        gains[r["seed"]].append(float(np.clip(_skills(t) - _skills(s), 0.0, None).sum()))
+        gains[r["seed"]].append(float(np.clip(category_skills(t) - category_skills(s), 0.0, None).sum()))
     return {seed: float(np.mean(g)) for seed, g in gains.items()}
 
 

@@ -33,14 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from protocol._layout import CATEGORIES
+from knexa_lab.experiment.skills_report import category_skills
 
 __all__ = ["main", "pair_table", "study"]
-
-
-def _skills(row: dict[str, Any]) -> np.ndarray:
-    cats = row.get("categories") or {}
-    return np.array([float(cats.get(c, 0.0)) for c in CATEGORIES])
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -93,7 +88,7 @@ def pair_table(rows: list[dict[str, Any]], method: str) -> dict[int, list[dict[s
             for s in names:
                 if t == s:
                     continue
-                kt, ks = _skills(clients[t]), _skills(clients[s])
+                kt, ks = category_skills(clients[t]), category_skills(clients[s])
                 out[seed].append({"round": rnd + 1, "teacher": t, "student": s, "k_t": kt, "k_s": ks,
                                   "pass_t": float(clients[t]["pass_at_1"]), "pass_s": float(clients[s]["pass_at_1"]),
                                   "gain": float(np.maximum(kt - ks, 0.0).sum())})
