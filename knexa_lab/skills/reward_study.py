@@ -27,12 +27,12 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["main", "run_study", "summarize"]
+__all__ = ["main", "run_study", "spearman", "summarize"]
 
 logger = logging.getLogger(__name__)
 
 
-def _spearman(a: list[float], b: list[float]) -> float:
+def spearman(a: list[float], b: list[float]) -> float:
     from scipy.stats import spearmanr
 
     if len(set(a)) < 2 or len(set(b)) < 2:
@@ -53,16 +53,16 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     by_student = {s: [r for r in rows if r["student"] == s] for s in students}
     result: dict[str, Any] = {"pairs": len(rows), "measures": {}}
     for m in ("d_val_loss", "d_val_error"):
-        within = np.array([[_spearman([r[m] for r in mine], [r[g] for r in mine]) for g in ("d_test_pass", "teachable")]
+        within = np.array([[spearman([r[m] for r in mine], [r[g] for r in mine]) for g in ("d_test_pass", "teachable")]
                            for mine in by_student.values()])
         result["measures"][m] = {
             "within_student_vs_test_gain": float(np.nanmean(within[:, 0])),
             "within_student_vs_teachable": float(np.nanmean(within[:, 1])),
-            "pooled_vs_test_gain": _spearman([r[m] for r in rows], [r["d_test_pass"] for r in rows]),
-            "pooled_vs_teachable": _spearman([r[m] for r in rows], [r["teachable"] for r in rows]),
+            "pooled_vs_test_gain": spearman([r[m] for r in rows], [r["d_test_pass"] for r in rows]),
+            "pooled_vs_teachable": spearman([r[m] for r in rows], [r["teachable"] for r in rows]),
         }
     result["teachable_vs_test_gain_within_student"] = float(np.nanmean(
-        [_spearman([r["teachable"] for r in mine], [r["d_test_pass"] for r in mine]) for mine in by_student.values()]))
+        [spearman([r["teachable"] for r in mine], [r["d_test_pass"] for r in mine]) for mine in by_student.values()]))
     result["mean_test_effect"] = float(np.mean([r["d_test_pass"] for r in rows]))
     result["best_teacher_test_effect"] = float(np.mean([max(r["d_test_pass"] for r in mine)
                                                         for mine in by_student.values()]))

@@ -34,16 +34,9 @@ from typing import Any
 import numpy as np
 
 from knexa_lab.experiment.skills_report import category_skills
+from knexa_lab.skills.reward_study import spearman
 
 __all__ = ["main", "pair_table", "study"]
-
-
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    from scipy.stats import spearmanr
-
-    if len(np.unique(a)) < 2 or len(np.unique(b)) < 2:
-        return float("nan")
-    return float(spearmanr(a, b).statistic)
 
 
 def _histograms(config: dict[str, Any], seed: int) -> np.ndarray:
@@ -112,20 +105,20 @@ def study(results: Path, method: str = "random-p2p", draws: int = 50, seed: int 
     clients = sorted({r["client"] for r in rows})
     k = int(config.get("skills", {}).get("val_per_category", 2))
     rng = np.random.default_rng(seed)
+    index = {c: i for i, c in enumerate(clients)}
     per_seed: dict[str, dict[int, float]] = defaultdict(dict)
     for s, pairs in sorted(table.items()):
         hist = _histograms(config, s)
-        index = {c: i for i, c in enumerate(clients)}
         gain = np.array([p["gain"] for p in pairs])
         ht = np.array([hist[index[p["teacher"]]] for p in pairs])
         hs = np.array([hist[index[p["student"]]] for p in pairs])
-        per_seed["js"][s] = _spearman(js_divergence(ht, hs), gain)
-        per_seed["pass_gap"][s] = _spearman(np.array([max(p["pass_t"] - p["pass_s"], 0.0) for p in pairs]), gain)
+        per_seed["js"][s] = spearman(js_divergence(ht, hs), gain)
+        per_seed["pass_gap"][s] = spearman(np.array([max(p["pass_t"] - p["pass_s"], 0.0) for p in pairs]), gain)
         for n in (k, 2 * k):
             rhos = []
             for _ in range(draws):
                 vt, vs = _validation_draw(pairs, n, rng)
-                rhos.append(_spearman(np.maximum(vt - vs, 0.0).sum(axis=1), gain))
+                rhos.append(spearman(np.maximum(vt - vs, 0.0).sum(axis=1), gain))
             per_seed[f"skill_gap@{n}"][s] = float(np.nanmean(rhos))
     mean = {name: float(np.nanmean(list(v.values()))) for name, v in per_seed.items()}
     return {"method": method, "val_per_category": k, "draws": draws, "pairs": sum(map(len, table.values())),

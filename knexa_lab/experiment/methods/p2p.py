@@ -46,8 +46,7 @@ from knexa_node.config import NodeSection
 from .base import Client, ClientStep, RoundContext, package_bytes
 
 __all__ = ["SETTINGS", "HeuristicP2P", "KnexaFL", "KnexaFLCompact", "KnexaFLConcat", "KnexaFLHybrid", "KnexaFLPrior",
-           "KnexaFLPriorGreedy",
-           "KnexaFLSkills", "SkillGapP2P",
+           "KnexaFLPriorGreedy", "KnexaFLSkills", "SkillGapP2P",
            "PeerToPeer", "RandomP2P", "policy_seed"]
 
 logger = logging.getLogger(__name__)
