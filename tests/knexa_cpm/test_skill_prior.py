@@ -145,3 +145,19 @@ def test_skill_prior_settings_are_checked() -> None:
         CpmSection(explore=-0.1)
     assert make_policy("hybrid", explore=0.0).explore == 0.0
     assert make_policy("linucb", skill_prior=0.5).name == "linucb"  # one config serves every policy
+
+
+def test_skill_gap_believes_a_member_that_claims_every_skill_whatever_its_students_report() -> None:
+    """The documented limit of the non-learning matcher (docs/cpm.md): a liar teaches every round,
+    because rewards never reach the scores; the hybrid demotes it (test_skill_rows.py)."""
+    rng = np.random.default_rng(5)
+    policy = make_policy("skill_gap", seed=5)
+    base = wire_profiles(N, 5)
+    for rnd in range(10):
+        claimed = (rng.random((N, 12)) < 0.3).astype(float)
+        claimed[0] = 1.0  # the liar
+        rows = with_skills(base, claimed)
+        pairs = policy.select(rows, rnd, peer_ids=IDS)
+        assert any(t == 0 for t, _ in pairs), (rnd, pairs)
+        for t, s in pairs:
+            policy.observe(rows[t], rows[s], -0.1 if t == 0 else 0.05, teacher_id=IDS[t], student_id=IDS[s])
