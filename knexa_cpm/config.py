@@ -40,6 +40,9 @@ class CpmSection:
     reward_scale: float = 1.0
     #: hybrid only: scale of its Thompson draw (1 = the posterior itself, 0 = greedy on the mean)
     explore: float = 0.3
+    #: hybrid only: estimate from the rewards how far teachers differ beyond what the profiles
+    #: explain (empirical Bayes), instead of assuming a fixed spread
+    adaptive_effects: bool = False
     seed: int = 42
     log_level: str = "INFO"
     #: "text" (key=value) or "json" (one JSON object per line)

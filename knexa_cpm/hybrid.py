@@ -44,6 +44,12 @@ The model, for ordered pair (t, s):
   the residuals of the linear part, shrunk towards 0 with prior variances tau_t^2 and tau_p^2, and
   also sampled each round. They need ids (`peer_ids` in select, `teacher_id`/`student_id` in
   observe); without ids the policy is the linear part alone.
+- adaptive effects (optional, `adaptive_effects`): tau_t is estimated from the rewards instead of
+  fixed (empirical Bayes: the spread of the teachers' mean residuals beyond what the noise
+  explains, by the method of moments), capped at `tau_teacher`. Where the linear part already
+  explains the teachers (honest shared skills) the estimate is ~0, so the teacher effects
+  neither drift with the noise nor add exploration; a member whose students keep reporting less
+  than the model predicts raises it, and is then demoted as with a fixed tau.
 - trust scores as in LinUCB: a teacher whose packages keep yielding negative raw rewards loses
   trust_weight * badness * (reward scale) from every score.
 - matching: whole-round matching of the sampled scores (`matching.round_matching`) up to
@@ -192,6 +198,8 @@ class HybridPolicy(Policy):
             teachable category; 0 = no prior, the default) and its weight in pseudo-rewards per
             coefficient (all coefficients: the prior says the rest are 0).
         reward_scale: the reward noise sigma assumed until ten residuals are in.
+        adaptive_effects: estimate tau_teacher from the rewards (empirical Bayes), with
+            `tau_teacher` as its cap; needs residuals of at least three teachers, tau_t = 0 before.
         trust_weight, trust_rate: as `LinUCBPolicy` (0 = off).
     """
 
@@ -202,7 +210,7 @@ class HybridPolicy(Policy):
                  tau_pair: float = 0.0, recency_decay: float = 0.8, seed: int = 42,
                  trust_weight: float = 0.0, trust_rate: float = 0.2, forget: float = 1.0,
                  compact: bool = False, skill_prior: float = 0.0, skill_prior_weight: float = 25.0,
-                 reward_scale: float = 1.0) -> None:
+                 reward_scale: float = 1.0, adaptive_effects: bool = False) -> None:
         super().__init__(seed)
         if not (math.isfinite(skill_prior) and skill_prior >= 0 and skill_prior_weight >= 0 and reward_scale > 0):
             raise ValueError("need skill_prior >= 0, skill_prior_weight >= 0 and reward_scale > 0")
@@ -219,6 +227,7 @@ class HybridPolicy(Policy):
         self.trust_weight, self.trust_rate = float(trust_weight), float(trust_rate)
         self.skill_prior, self.skill_prior_weight = float(skill_prior), float(skill_prior_weight)
         self.reward_scale = float(reward_scale)
+        self.adaptive_effects = bool(adaptive_effects)
         self.A, self.b = self._prior()
         self.resid = RunningNorm()  # residual scale: sigma of the reward noise
         self.rewards = RunningNorm()  # raw reward scale: the unit of the trust penalty
@@ -270,6 +279,24 @@ class HybridPolicy(Policy):
         """k = sigma^2 / (tau sigma)^2 = 1 / tau^2: tau is in units of sigma."""
         return math.inf if tau == 0 else 1.0 / tau ** 2
 
+    def _teacher_k(self) -> float:
+        """k of the teacher effects: from `tau_teacher`, or estimated (`adaptive_effects`).
+
+        The estimate: the teachers' mean residuals vary by tau^2 sigma^2 + sigma^2 / n_t, so
+        tau^2 sigma^2 ~ var(mean residuals) - mean(sigma^2 / n_t), floored at 0 (k = inf: no
+        teacher effects) and capped at `tau_teacher` (k no smaller than 1 / tau_teacher^2).
+        """
+        k_cap = self._effect_k(self.tau_teacher)
+        if not self.adaptive_effects or not math.isfinite(k_cap):
+            return k_cap
+        if len(self.teacher.n) < 3:
+            return math.inf
+        n = np.array(list(self.teacher.n.values()))
+        means = np.array([self.teacher.total[key] for key in self.teacher.n]) / n
+        sig2 = self.sigma ** 2
+        spread = float(np.var(means, ddof=1) - np.mean(sig2 / n))
+        return max(k_cap, sig2 / spread) if spread > 0 else math.inf
+
     def _js_all(self, p: np.ndarray) -> np.ndarray:
         hist = p[:, HIST_SLICE]
         if self._js_key is None or self._js_key.shape != hist.shape or not np.array_equal(self._js_key, hist):
@@ -299,7 +326,7 @@ class HybridPolicy(Policy):
         if ids is None:
             return scores
         sig, v = self.sigma, self.explore
-        kt, kp = self._effect_k(self.tau_teacher), self._effect_k(self.tau_pair)
+        kt, kp = self._teacher_k(), self._effect_k(self.tau_pair)
         if math.isfinite(kt):
             nt = np.array([self.teacher.n.get(i, 0.0) for i in ids])
             mt = np.array([self.teacher.total.get(i, 0.0) for i in ids]) / (nt + kt)
@@ -350,7 +377,7 @@ class HybridPolicy(Policy):
         self.resid.update(residual)
         self.rewards.update(r)
         if tid is not None:
-            kt = self._effect_k(self.tau_teacher)
+            kt = self._teacher_k()
             rest = residual - (self.teacher.mean(tid, kt) if math.isfinite(kt) else 0.0)
             self.teacher.add(tid, residual)
             self.badness[tid] = (1.0 - self.trust_rate) * self.badness.get(tid, 0.0) + self.trust_rate * float(r < 0)
@@ -399,4 +426,6 @@ class HybridPolicy(Policy):
         self.round = int(d["round"])
 
     def __repr__(self) -> str:
-        return f"HybridPolicy({json.dumps({'lam': self.lam, 'explore': self.explore, 'skill_prior': self.skill_prior})})"
+        shown = {"lam": self.lam, "explore": self.explore, "skill_prior": self.skill_prior,
+                 "adaptive_effects": self.adaptive_effects}
+        return f"HybridPolicy({json.dumps(shown)})"

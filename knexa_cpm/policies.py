@@ -414,9 +414,9 @@ class LinUCBPolicy(Policy):
 #: accepted as the default so one config serves both policies
 HYBRID_CONTEXTS: tuple[str, ...] = ("interaction", "concat", "compact")
 _LINUCB_EXTRA = ("beta_schedule", "reinvert_every", "trust_weight", "trust_rate")
-#: the hybrid's own keywords (knexa_cpm.hybrid: the skill prior, the early reward scale and the
-#: scale of the Thompson draw)
-_HYBRID_EXTRA = ("skill_prior", "reward_scale", "explore")
+#: the hybrid's own keywords (knexa_cpm.hybrid: the skill prior, the early reward scale, the
+#: scale of the Thompson draw and whether the teacher effects' spread is estimated)
+_HYBRID_EXTRA = ("skill_prior", "reward_scale", "explore", "adaptive_effects")
 
 
 def make_policy(name: str, *, context: str = "interaction", lam: float = 0.01, beta0: float = 1.0,
@@ -434,7 +434,9 @@ def make_policy(name: str, *, context: str = "interaction", lam: float = 0.01, b
     unknown = sorted(set(kw) - set(_LINUCB_EXTRA) - set(_HYBRID_EXTRA))
     if unknown:
         raise TypeError(f"make_policy() got unexpected keyword(s) {unknown}")
-    hybrid_kw = {k: float(kw.pop(k)) for k in _HYBRID_EXTRA if k in kw}
+    hybrid_kw: dict[str, Any] = {k: float(kw.pop(k)) for k in _HYBRID_EXTRA if k in kw}
+    if "adaptive_effects" in hybrid_kw:
+        hybrid_kw["adaptive_effects"] = bool(hybrid_kw["adaptive_effects"])
     if name == "linucb":
         return LinUCBPolicy(context=context, lam=lam, beta0=beta0, beta_decay=beta_decay, seed=seed, **kw)
     if name == "hybrid":  # its own priors; lam/beta are LinUCB's and do not apply

@@ -89,7 +89,8 @@ class CpmService:
         self.metrics_port: int | None = None
         self.policy = make_policy(cfg.policy, context=cfg.context, lam=cfg.lam, beta0=cfg.beta0, seed=cfg.seed,
                                   trust_weight=cfg.trust_weight, trust_rate=cfg.trust_rate,
-                                  skill_prior=cfg.skill_prior, reward_scale=cfg.reward_scale, explore=cfg.explore)
+                                  skill_prior=cfg.skill_prior, reward_scale=cfg.reward_scale, explore=cfg.explore,
+                                  adaptive_effects=cfg.adaptive_effects)
         self.machine = RoundMachine(self.settings)
         self.stats: dict[str, Any] = {"updates": 0, "rewards": [], "rejected": {}, "rounds_closed": 0}
         saved = load_state(self.state_dir)

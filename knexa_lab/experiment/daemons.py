@@ -44,6 +44,7 @@ DAEMON_SETTINGS: dict[str, tuple[str, str]] = {
     "profile_decimals": ("node", "profile_decimals"), "profile_epsilon": ("node", "profile_epsilon"),
     "share_skills": ("node", "share_skills"),
     "skill_prior": ("cpm", "skill_prior"), "reward_scale": ("cpm", "reward_scale"), "explore": ("cpm", "explore"),
+    "adaptive_effects": ("cpm", "adaptive_effects"),
 }  # fmt: skip
 
 

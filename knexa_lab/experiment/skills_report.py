@@ -135,7 +135,7 @@ def skills_summary(exp: Experiment, results: Sequence[tables.MethodResult]) -> d
         "oracle_fraction": [f for f in (oracle_fraction(results, m, metric)
                                         for m in ("knexa-fl", "knexa-fl-concat", "knexa-fl-hybrid", "knexa-fl-skills",
                                                   "knexa-fl-compact", "knexa-fl-prior", "knexa-fl-prior-greedy",
-                                                  "skill-gap-p2p",
+                                                  "knexa-fl-prior-adaptive", "skill-gap-p2p",
                                                   "heuristic-p2p")
                                         for metric in ("pass_at_1", "auc_pass_at_1")) if f],
     }

@@ -42,7 +42,9 @@ LABELS: dict[str, str] = {
     "knexa-fl-hybrid": "KNEXA-FL (hybrid)", "knexa-fl-skills": "KNEXA-FL (hybrid + skills)",
     "knexa-fl-compact": "KNEXA-FL (compact + skills)",
     "knexa-fl-prior": "KNEXA-FL (compact + skills + prior)",
-    "knexa-fl-prior-greedy": "KNEXA-FL (prior, greedy)", "skill-gap-p2p": "Skill-gap P2P", "fedavg": "FedAvg",
+    "knexa-fl-prior-greedy": "KNEXA-FL (prior, greedy)",
+    "knexa-fl-prior-adaptive": "KNEXA-FL (prior, adaptive)", "skill-gap-p2p": "Skill-gap P2P",
+    "fedavg": "FedAvg",
     "central-kd": "Central-KD", "fedid-centralkd": "FedID-CentralKD", "fedproxy": "FedProxy",
     "oracle-p2p": "Oracle-P2P",
 }
@@ -52,6 +54,7 @@ COMPARISONS: tuple[tuple[str, str], ...] = (
     ("knexa-fl-hybrid", "random-p2p"), ("knexa-fl-skills", "random-p2p"), ("knexa-fl-skills", "knexa-fl-hybrid"),
     ("knexa-fl-compact", "random-p2p"), ("knexa-fl-prior", "random-p2p"), ("knexa-fl-prior", "skill-gap-p2p"),
     ("knexa-fl-prior-greedy", "random-p2p"), ("knexa-fl-prior-greedy", "skill-gap-p2p"),
+    ("knexa-fl-prior-adaptive", "random-p2p"), ("knexa-fl-prior-adaptive", "skill-gap-p2p"),
     ("skill-gap-p2p", "random-p2p"),
     ("random-p2p", "local-only"), ("oracle-p2p", "random-p2p"), ("oracle-p2p", "knexa-fl"))
 

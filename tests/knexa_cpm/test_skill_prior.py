@@ -161,3 +161,77 @@ def test_skill_gap_believes_a_member_that_claims_every_skill_whatever_its_studen
         assert any(t == 0 for t, _ in pairs), (rnd, pairs)
         for t, s in pairs:
             policy.observe(rows[t], rows[s], -0.1 if t == 0 else 0.05, teacher_id=IDS[t], student_id=IDS[s])
+
+
+def _skills_world(kind: str, seed: int, rounds: int, *, liar: bool = False) -> tuple[float, int, HybridPolicy | None]:
+    """A federation where the shared skills are the truth (bar an optional liar, node 0, that
+    claims every skill and whose students lose 0.1): reward = 0.04 + 0.01 per teachable
+    category + noise of sd 0.08 (the skills benchmark's reward scale), and a student learns each
+    category it was taught with probability 1/2. Returns (teachable categories over all
+    pairs and rounds, rounds the liar taught, the policy when it is a hybrid)."""
+    rng = np.random.default_rng(seed)
+    skills = (rng.random((N, 12)) < 0.3).astype(float)
+    base = wire_profiles(N, seed)
+    policy = (make_policy("skill_gap", seed=seed) if kind == "skill_gap"
+              else _prior_policy(seed, adaptive_effects=kind == "adaptive"))
+    total, liar_taught = 0.0, 0
+    for rnd in range(rounds):
+        claimed = skills.copy()
+        if liar:
+            claimed[0] = 1.0
+        rows = with_skills(base, claimed)
+        for t, s in policy.select(rows, rnd, peer_ids=IDS):
+            teach = np.maximum(skills[t] - skills[s], 0.0)
+            total += teach.sum()
+            liar_taught += int(liar and t == 0)
+            reward = 0.04 + 0.01 * teach.sum() + rng.normal(0, 0.08) - (0.1 if liar and t == 0 else 0.0)
+            policy.observe(rows[t], rows[s], reward, teacher_id=IDS[t], student_id=IDS[s])
+            skills[s][(teach > 0) & (rng.random(12) < 0.5)] = 1.0
+    return total, liar_taught, policy if isinstance(policy, HybridPolicy) else None
+
+
+def test_adaptive_teacher_effects_follow_the_noise_less_where_the_skills_explain_the_rewards() -> None:
+    """With honest skills a fixed spread of teacher effects lets them wander with the reward
+    noise (and draws exploration from them); the estimated spread stays near 0, so the matching
+    stays nearer the skill-gap one, the best there is in this world."""
+    fixed, adaptive, gap = ([_skills_world(kind, seed, 8)[0] for seed in range(24)]
+                            for kind in ("fixed", "adaptive", "skill_gap"))
+    assert np.mean(adaptive) > np.mean(fixed), (np.mean(adaptive), np.mean(fixed))
+    assert np.mean(gap) >= np.mean(adaptive) - 1.0
+    k = [p._teacher_k() for _, _, p in (_skills_world("adaptive", seed, 8) for seed in range(6)) if p]
+    cap = 1.0 / HybridPolicy().tau_teacher ** 2
+    assert sum(x > 4 * cap for x in k) >= 4, k  # estimated spread well under the fixed one, mostly
+
+
+def test_adaptive_teacher_effects_rise_for_a_liar_and_demote_it() -> None:
+    taught, ks = [], []
+    for seed in range(8):
+        _, liar_taught, policy = _skills_world("adaptive", seed, 20, liar=True)
+        assert policy is not None
+        taught.append(liar_taught)
+        ks.append(policy._teacher_k())
+    assert np.mean(taught) < 8, taught  # skill_gap lets it teach ~18 of 20 rounds
+    assert all(np.isfinite(ks)), ks  # the liar's students make the spread real
+    gap_taught = [_skills_world("skill_gap", seed, 20, liar=True)[1] for seed in range(8)]
+    assert np.mean(gap_taught) > 15, gap_taught
+
+
+def test_the_teacher_effect_spread_estimate() -> None:
+    """Method of moments on the teachers' mean residuals, floored at 0 and capped at tau_teacher."""
+    policy = HybridPolicy(adaptive_effects=True, reward_scale=0.1)
+    assert policy._teacher_k() == np.inf  # no evidence, no effects
+    for key, total in (("a", 0.3), ("b", -0.3)):
+        policy.teacher.add(key, total)
+    assert policy._teacher_k() == np.inf  # two teachers cannot show a spread
+    policy.teacher.add("c", 0.0)
+    # means 0.3, -0.3, 0: var (ddof 1) 0.09, noise 0.01 -> tau^2 sigma^2 0.08 -> k = 0.01 / 0.08
+    assert policy._teacher_k() == pytest.approx(max(1 / policy.tau_teacher ** 2, 0.01 / 0.08))
+    wide = HybridPolicy(adaptive_effects=True, tau_teacher=5.0, reward_scale=0.1)
+    for key, total in (("a", 0.3), ("b", -0.3), ("c", 0.0)):
+        wide.teacher.add(key, total)
+    assert wide._teacher_k() == pytest.approx(0.01 / 0.08)  # under the cap: the estimate itself
+    close = HybridPolicy(adaptive_effects=True, reward_scale=0.1)
+    for key, total in (("a", 0.01), ("b", -0.01), ("c", 0.0)):
+        close.teacher.add(key, total)
+    assert close._teacher_k() == np.inf  # spread within the noise: no effects
+    assert HybridPolicy(tau_teacher=0.5)._teacher_k() == 4.0  # fixed, the default

@@ -136,14 +136,16 @@ def test_hybrid_state_saved_before_the_skill_terms_loads_as_no_data_on_them() ->
         c.load_state_dict({**legacy, "dim": old - 1})
 
 
-def test_a_member_that_claims_every_skill_stops_teaching_once_its_students_report_losses() -> None:
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_a_member_that_claims_every_skill_stops_teaching_once_its_students_report_losses(adaptive: bool) -> None:
     """Skills are the member's own claim: one that says it solves everything is matched as a
-    teacher at first, and its students' negative rewards then take it out of the teacher role."""
+    teacher at first, and its students' negative rewards then take it out of the teacher role
+    (with a fixed spread of teacher effects, and with one estimated from the rewards)."""
     rng = np.random.default_rng(7)
     n = 8
     p = wire_profiles(n, 7)
     ids = [f"n{i}" for i in range(n)]
-    policy = HybridPolicy(seed=7)
+    policy = HybridPolicy(seed=7, adaptive_effects=adaptive)
     taught = []
     for rnd in range(30):
         skills = (rng.random((n, SKILLS_DIM)) < 0.3).astype(float)

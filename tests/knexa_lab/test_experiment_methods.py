@@ -144,6 +144,8 @@ def test_daemons_mode_turns_skills_sharing_on_in_the_nodes_of_the_skills_methods
     assert (cpm["policy"], cpm["context"], node["share_skills"]) == ("hybrid", "compact", True)
     assert (cpm["skill_prior"], cpm["reward_scale"], cpm["explore"]) == (0.0, 1.0, 0.3)  # the CPM's defaults
     assert _daemon_configs(cfg, "knexa-fl-prior-greedy", 1)[0]["explore"] == 0.0
+    assert cpm["adaptive_effects"] is False and _daemon_configs(cfg, "knexa-fl-prior-adaptive", 1)[0][
+        "adaptive_effects"] is True
     cpm, node = _daemon_configs(cfg, "knexa-fl-prior", 1)
     assert (cpm["policy"], cpm["context"], cpm["skill_prior"], cpm["reward_scale"], node["share_skills"]) == (
         "hybrid", "compact", 0.01, 0.1, True)
@@ -156,14 +158,21 @@ def test_the_prior_methods_build_the_matchmaker_their_settings_name(clients, tmp
     from knexa_cpm.hybrid import HybridFeatures, HybridPolicy
     from knexa_cpm.policies import SkillGapPolicy
     from knexa_lab.experiment.methods.base import RoundContext
-    from knexa_lab.experiment.methods.p2p import KnexaFLPrior, KnexaFLPriorGreedy, SkillGapP2P
+    from knexa_lab.experiment.methods.p2p import (
+        KnexaFLPrior,
+        KnexaFLPriorAdaptive,
+        KnexaFLPriorGreedy,
+        SkillGapP2P,
+    )
 
-    prior, greedy, gap = KnexaFLPrior(), KnexaFLPriorGreedy(), SkillGapP2P()
-    for m in (prior, greedy, gap):
+    prior, greedy, gap, adaptive = KnexaFLPrior(), KnexaFLPriorGreedy(), SkillGapP2P(), KnexaFLPriorAdaptive()
+    for m in (prior, greedy, gap, adaptive):
         m.setup(clients, {"profile_epsilon": 0}, tmp_path / m.name)
     assert isinstance(prior.policy, HybridPolicy) and prior.policy.features.compact
     assert (prior.policy.skill_prior, prior.policy.reward_scale, prior.policy.explore) == (0.01, 0.1, 0.3)
     assert greedy.policy.explore == 0.0 and greedy.policy.skill_prior == 0.01
+    assert not prior.policy.adaptive_effects and adaptive.policy.adaptive_effects
+    assert (adaptive.policy.skill_prior, adaptive.policy.explore) == (0.01, 0.3)
     assert isinstance(gap.policy, SkillGapPolicy)
     ctx = RoundContext(round_idx=0, total_rounds=1, clients=clients, rng=np.random.default_rng(0), history={},
                        settings={}, workdir=tmp_path)

@@ -19,6 +19,7 @@ OWN = {"local-only": "LocalOnly", "random-p2p": "RandomP2P", "heuristic-p2p": "H
        "knexa-fl": "KnexaFL", "knexa-fl-concat": "KnexaFLConcat", "knexa-fl-hybrid": "KnexaFLHybrid",
        "knexa-fl-skills": "KnexaFLSkills", "knexa-fl-compact": "KnexaFLCompact",
        "knexa-fl-prior": "KnexaFLPrior", "knexa-fl-prior-greedy": "KnexaFLPriorGreedy",
+       "knexa-fl-prior-adaptive": "KnexaFLPriorAdaptive",
        "skill-gap-p2p": "SkillGapP2P", "fedavg": "FedAvg"}
 
 
@@ -42,14 +43,17 @@ def test_p2p_methods_differ_only_in_their_matchmaker():
                    "knexa-fl": ("linucb", "interaction"), "knexa-fl-concat": ("linucb", "concat"),
                    "knexa-fl-hybrid": ("hybrid", "interaction"), "knexa-fl-skills": ("hybrid", "interaction"),
                    "knexa-fl-compact": ("hybrid", "compact"), "knexa-fl-prior": ("hybrid", "compact"),
-                   "knexa-fl-prior-greedy": ("hybrid", "compact"), "skill-gap-p2p": ("skill_gap", "interaction")}
+                   "knexa-fl-prior-greedy": ("hybrid", "compact"), "knexa-fl-prior-adaptive": ("hybrid", "compact"),
+                   "skill-gap-p2p": ("skill_gap", "interaction")}
     # and in what their nodes send: only the skills methods share per-category skills by default
     assert {n for n in P2P_METHODS if method_class(n).defaults.get("share_skills")} == {
-        "knexa-fl-skills", "knexa-fl-compact", "knexa-fl-prior", "knexa-fl-prior-greedy", "skill-gap-p2p"}
+        "knexa-fl-skills", "knexa-fl-compact", "knexa-fl-prior", "knexa-fl-prior-greedy", "knexa-fl-prior-adaptive",
+        "skill-gap-p2p"}
     # and only the prior methods start their hybrid from the skill prior; the greedy one never draws
-    assert {n for n in P2P_METHODS if method_class(n).defaults.get("skill_prior")} == {"knexa-fl-prior",
-                                                                                      "knexa-fl-prior-greedy"}
+    assert {n for n in P2P_METHODS if method_class(n).defaults.get("skill_prior")} == {
+        "knexa-fl-prior", "knexa-fl-prior-greedy", "knexa-fl-prior-adaptive"}
     assert method_class("knexa-fl-prior-greedy").defaults["explore"] == 0.0
+    assert {n for n in P2P_METHODS if method_class(n).defaults.get("adaptive_effects")} == {"knexa-fl-prior-adaptive"}
 
 
 def test_unknown_names_are_listed_with_the_known_ones():

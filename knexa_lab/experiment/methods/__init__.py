@@ -11,7 +11,8 @@ method never stops the others from running.
   ``hybrid`` policy: Thompson sampling with per-teacher effects), ``knexa-fl-skills`` (hybrid, with
   nodes that share their validation Pass@1 per category), ``knexa-fl-compact`` (the same with the
   compact hybrid), ``knexa-fl-prior`` (compact, starting from a prior that the shared skill gap
-  pays; ``knexa-fl-prior-greedy`` without the Thompson draw) and ``skill-gap-p2p`` (no learning, matched on the shared skill gaps): one class driving the daemon's learning path with a ``knexa_cpm.policies``
+  pays; ``knexa-fl-prior-greedy`` without the Thompson draw, ``knexa-fl-prior-adaptive`` with
+  teacher effects whose spread is learned) and ``skill-gap-p2p`` (no learning, matched on the shared skill gaps): one class driving the daemon's learning path with a ``knexa_cpm.policies``
   matchmaker.
 - ``fedavg.py``: ``fedavg``, LoRA adapters averaged within same-architecture groups.
 - ``fedproxy.py``: ``fedproxy`` (a proxy SLM trained and aggregated instead of the LLM).
@@ -58,6 +59,7 @@ REGISTRY: dict[str, str] = {
     "knexa-fl-compact": f"{_PKG}.p2p:KnexaFLCompact",
     "knexa-fl-prior": f"{_PKG}.p2p:KnexaFLPrior",
     "knexa-fl-prior-greedy": f"{_PKG}.p2p:KnexaFLPriorGreedy",
+    "knexa-fl-prior-adaptive": f"{_PKG}.p2p:KnexaFLPriorAdaptive",
     "skill-gap-p2p": f"{_PKG}.p2p:SkillGapP2P",
     "fedavg": f"{_PKG}.fedavg:FedAvg",
     "central-kd": f"{_PKG}.central_kd:CentralKD",
@@ -69,7 +71,7 @@ REGISTRY: dict[str, str] = {
 #: the methods `--mode daemons` can run through the real knexa-cpm / knexa-node processes
 P2P_METHODS: tuple[str, ...] = ("random-p2p", "heuristic-p2p", "knexa-fl", "knexa-fl-concat", "knexa-fl-hybrid",
                                  "knexa-fl-skills", "knexa-fl-compact", "knexa-fl-prior",
-                                 "knexa-fl-prior-greedy", "skill-gap-p2p")
+                                 "knexa-fl-prior-greedy", "knexa-fl-prior-adaptive", "skill-gap-p2p")
 
 
 class UnknownMethodError(ValueError):

@@ -25,7 +25,8 @@ Subclasses only choose the policy: ``random-p2p`` (uniform random pairs), ``heur
 CPM's hybrid policy), ``knexa-fl-skills`` (hybrid, with nodes that share their validation
 Pass@1 per category, ``share_skills``), ``knexa-fl-compact`` (the same with the compact hybrid:
 five pair terms), ``knexa-fl-prior`` (compact, with a prior that the skill gap pays),
-``knexa-fl-prior-greedy`` (the same without the Thompson draw) and
+``knexa-fl-prior-greedy`` (the same without the Thompson draw), ``knexa-fl-prior-adaptive``
+(the same with teacher effects whose spread is learned from the rewards) and
 ``skill-gap-p2p`` (no learning: matched on the shared skill gaps). ``[methods.<name>]``
 may override any key of :data:`SETTINGS`.
 """
@@ -46,7 +47,7 @@ from knexa_node.config import NodeSection
 from .base import Client, ClientStep, RoundContext, package_bytes
 
 __all__ = ["SETTINGS", "HeuristicP2P", "KnexaFL", "KnexaFLCompact", "KnexaFLConcat", "KnexaFLHybrid", "KnexaFLPrior",
-           "KnexaFLPriorGreedy", "KnexaFLSkills", "SkillGapP2P",
+           "KnexaFLPriorAdaptive", "KnexaFLPriorGreedy", "KnexaFLSkills", "SkillGapP2P",
            "PeerToPeer", "RandomP2P", "policy_seed"]
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ SETTINGS: dict[str, Any] = {
     "beta_schedule": "inv_sqrt", "trust_weight": 0.0, "trust_rate": 0.2, "seed": None,
     # hybrid only: the skill prior and the early reward scale (knexa_cpm.hybrid)
     "skill_prior": _CPM.skill_prior, "reward_scale": _CPM.reward_scale, "explore": _CPM.explore,
+    "adaptive_effects": _CPM.adaptive_effects,
     # pairs per round (0 = floor(N/2), the CPM's default)
     "k_max": 0,
     # node side: Eq. 3 weights and profile sanitization
@@ -108,7 +110,8 @@ class PeerToPeer:
                                   beta_decay=float(s["beta_decay"]), seed=s["seed"],
                                   beta_schedule=s["beta_schedule"], trust_weight=float(s["trust_weight"]),
                                   trust_rate=float(s["trust_rate"]), skill_prior=float(s["skill_prior"]),
-                                  reward_scale=float(s["reward_scale"]), explore=float(s["explore"]))
+                                  reward_scale=float(s["reward_scale"]), explore=float(s["explore"]),
+                                  adaptive_effects=bool(s["adaptive_effects"]))
 
     def profiles(self, ctx: RoundContext) -> np.ndarray:
         """Sanitized profile rows in client order, as each node would send them: (N, 32), or
@@ -264,6 +267,16 @@ class KnexaFLPriorGreedy(KnexaFLPrior):
 
     name: ClassVar[str] = "knexa-fl-prior-greedy"
     defaults: ClassVar[dict[str, Any]] = {**KnexaFLPrior.defaults, "explore": 0.0}
+
+
+class KnexaFLPriorAdaptive(KnexaFLPrior):
+    """knexa-fl-prior whose teacher effects' spread is estimated from the rewards (empirical
+    Bayes, `adaptive_effects`) instead of fixed: designed after knexa-fl-prior lost to the skill
+    prior alone on the skills benchmark, where its fixed-spread teacher effects followed the
+    reward noise and drew exploration as large as 1.5 teachable categories (docs/skills.md)."""
+
+    name: ClassVar[str] = "knexa-fl-prior-adaptive"
+    defaults: ClassVar[dict[str, Any]] = {**KnexaFLPrior.defaults, "adaptive_effects": True}
 
 
 class SkillGapP2P(PeerToPeer):
