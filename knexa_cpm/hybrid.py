@@ -94,6 +94,8 @@ class HybridFeatures:
         self.dim = self.n_g if compact else 2 * PROFILE_DIM + _NF * _NF + self.n_t + self.n_g
         #: the layout before the skill terms (CPM states saved then load with them at "no data")
         self.dim_without_skills = -1 if compact else self.dim - 2
+        #: where the skill-gap coefficient sits (the fourth of the five pair terms, last in x)
+        self.gap_index = self.dim - self.n_g + 3
 
     def build(self, teacher: np.ndarray, student: np.ndarray, recency: np.ndarray) -> np.ndarray:
         """(M, dim) contexts for M (teacher, student) rows (`policies.profile_row`; 32-column
@@ -249,8 +251,7 @@ class HybridPolicy(Policy):
         if self.skill_prior == 0:
             return a0, np.zeros(d)
         a0 += self.skill_prior_weight * np.eye(d)
-        gap = d - 2  # the skill-gap term: second to last of the five pair terms
-        return a0, a0[:, gap] * self.skill_prior
+        return a0, a0[:, self.features.gap_index] * self.skill_prior
 
     # ---- model ---------------------------------------------------------------------------
     @property

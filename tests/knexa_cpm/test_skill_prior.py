@@ -125,6 +125,11 @@ def test_the_skill_prior_is_part_of_the_saved_state_and_of_legacy_states() -> No
     d, old = full.features.dim, full.features.dim_without_skills
     A, bb = full.A.copy(), full.b.copy()
     assert bb[d - 2] == pytest.approx((full.lam + full.skill_prior_weight) * 0.01) and not bb[:d - 2].any()
+    for compact in (False, True):  # the prior sits on the coefficient of x's skill-gap column
+        features = HybridFeatures(compact)
+        x = features.build(rows[:1], rows[1:2], np.zeros(1))[0]
+        assert x[features.gap_index] == pytest.approx(HybridFeatures.skill_gaps(rows[:2])[0][0, 1])
+        assert features.gap_index == features.dim - 2
     legacy = {**full.state_dict(), "dim": old, "A": array_state(A[:old, :old]), "b": array_state(bb[:old])}
     c = HybridPolicy(seed=1, skill_prior=0.01)
     c.load_state_dict(legacy)

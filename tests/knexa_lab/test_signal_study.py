@@ -62,3 +62,7 @@ def test_cli_prints_and_writes_and_refuses_a_method_without_rows(tmp_path: Path,
     with pytest.raises(SystemExit) as e:
         main([str(d), "--method", "oracle-p2p"])
     assert e.value.code == 2 and "no skills rows of method 'oracle-p2p'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path / "missing")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("signal_study: ") and "missing" in err
