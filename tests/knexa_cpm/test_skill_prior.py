@@ -240,3 +240,17 @@ def test_the_teacher_effect_spread_estimate() -> None:
         close.teacher.add(key, total)
     assert close._teacher_k() == np.inf  # spread within the noise: no effects
     assert HybridPolicy(tau_teacher=0.5)._teacher_k() == 4.0  # fixed, the default
+
+
+def test_the_cpm_builds_its_hybrid_from_the_config_keys(tmp_path) -> None:
+    from knexa_cpm.config import CpmConfig
+    from knexa_cpm.service import CpmService
+    from knexa_runtime.config import load_config, parse_overrides
+
+    keys = ["cpm.policy=hybrid", "cpm.context=compact", "cpm.skill_prior=0.01", "cpm.reward_scale=0.1",
+            "cpm.explore=0.2", "cpm.adaptive_effects=true", f"cpm.state_dir={tmp_path}"]
+    cfg = load_config(CpmConfig, None, parse_overrides(keys)).cpm
+    policy = CpmService(cfg).policy
+    assert isinstance(policy, HybridPolicy) and policy.features.compact
+    assert (policy.skill_prior, policy.reward_scale, policy.explore, policy.adaptive_effects) == (0.01, 0.1, 0.2, True)
+    assert CpmService(CpmSection(policy="hybrid", state_dir=tmp_path / "b")).policy.adaptive_effects is False
