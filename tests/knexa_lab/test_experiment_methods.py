@@ -173,6 +173,8 @@ def test_the_prior_methods_build_the_matchmaker_their_settings_name(clients, tmp
     assert greedy.policy.explore == 0.0 and greedy.policy.skill_prior == 0.01
     assert not prior.policy.adaptive_effects and adaptive.policy.adaptive_effects
     assert (adaptive.policy.skill_prior, adaptive.policy.explore) == (0.01, 0.3)
+    with pytest.raises(ValueError, match="adaptive_effects must be true or false, got 'false'"):
+        KnexaFLPriorAdaptive().setup(clients, {"adaptive_effects": "false"}, tmp_path / "bad")
     assert isinstance(gap.policy, SkillGapPolicy)
     ctx = RoundContext(round_idx=0, total_rounds=1, clients=clients, rng=np.random.default_rng(0), history={},
                        settings={}, workdir=tmp_path)

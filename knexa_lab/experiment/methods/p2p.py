@@ -105,13 +105,15 @@ class PeerToPeer:
         s["policy"] = s["policy"] or self.policy_name
         s["context"] = s["context"] or self.context
         s["seed"] = policy_seed([c.seed for c in clients]) if s["seed"] is None else int(s["seed"])
+        if not isinstance(s["adaptive_effects"], bool):  # bool("false") would be True
+            raise ValueError(f"{self.name}: adaptive_effects must be true or false, got {s['adaptive_effects']!r}")
         self.settings = s
         self.policy = make_policy(s["policy"], context=s["context"], lam=float(s["lam"]), beta0=float(s["beta0"]),
                                   beta_decay=float(s["beta_decay"]), seed=s["seed"],
                                   beta_schedule=s["beta_schedule"], trust_weight=float(s["trust_weight"]),
                                   trust_rate=float(s["trust_rate"]), skill_prior=float(s["skill_prior"]),
                                   reward_scale=float(s["reward_scale"]), explore=float(s["explore"]),
-                                  adaptive_effects=bool(s["adaptive_effects"]))
+                                  adaptive_effects=s["adaptive_effects"])
 
     def profiles(self, ctx: RoundContext) -> np.ndarray:
         """Sanitized profile rows in client order, as each node would send them: (N, 32), or
