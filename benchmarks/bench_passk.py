@@ -1,9 +1,12 @@
-"""Pass@k execution throughput: sandboxed candidates per second, parallel vs serial, same run.
+"""Pass@k execution throughput: sandboxed candidates per second, parallel vs serial and reused
+sandboxes vs a sandbox per candidate, same run.
 
 Each candidate is a real HumanEval problem's prompt + completion + test + ``check(entry_point)``
 run in :mod:`knexa_node.sandbox` (half canonical solutions, half wrong ones, so both outcomes are
-exercised). Serial is ``workers=1``; parallel is ``workers=os.cpu_count()`` (or ``--workers``).
-The ratio is what matters: absolute rates depend on the machine and its load.
+exercised). Serial is ``workers=1``; parallel is ``workers=os.cpu_count()`` (or ``--workers``),
+both with a fresh sandbox per candidate (the plain baseline); pooled is the parallel run through
+:class:`knexa_node.sandbox_pool.SandboxPool` (what evaluation uses), whose verdicts must be the
+same. The ratios are what matter: absolute rates depend on the machine and its load.
 
     python benchmarks/bench_passk.py [--problems 24] [--candidates 4] [--repeats 5]
 
@@ -42,9 +45,9 @@ def _workload(n_problems: int, n_candidates: int) -> tuple[list[dict], list[list
     return problems, completions
 
 
-def _timed(problems: list[dict], completions: list[list[str]], workers: int) -> tuple[float, float]:
+def _timed(problems: list[dict], completions: list[list[str]], workers: int, reuse: bool) -> tuple[float, float]:
     start = time.perf_counter()
-    results = execute_candidates(problems, completions, workers=workers)
+    results = execute_candidates(problems, completions, workers=workers, reuse=reuse)
     elapsed = time.perf_counter() - start
     return elapsed, pass_at_k_report(results, ks=(1,)).get(1, float("nan"))
 
@@ -77,27 +80,37 @@ def main(argv: list[str] | None = None) -> dict:
     workers = max(1, args.workers)
     execute_candidates(problems[:1], completions[:1], workers=1)  # warm caches, not timed
     load_before = os.getloadavg()
-    serial_t, parallel_t, ratios = [], [], []
-    pass1 = {1: float("nan"), workers: float("nan")}
-    for _ in range(args.repeats):  # interleaved, so drifting background load hits both alike
-        t_s, pass1[1] = _timed(problems, completions, 1)
-        t_p, pass1[workers] = _timed(problems, completions, workers)
+    serial_t, parallel_t, pooled_t, ratios, pool_ratios = [], [], [], [], []
+    pass1 = {"serial": float("nan"), "parallel": float("nan"), "pooled": float("nan")}
+    for _ in range(args.repeats):  # interleaved, so drifting background load hits all alike
+        t_s, pass1["serial"] = _timed(problems, completions, 1, reuse=False)
+        t_p, pass1["parallel"] = _timed(problems, completions, workers, reuse=False)
+        t_r, pass1["pooled"] = _timed(problems, completions, workers, reuse=True)
         serial_t.append(t_s)
         parallel_t.append(t_p)
+        pooled_t.append(t_r)
         ratios.append(t_s / t_p)
+        pool_ratios.append(t_p / t_r)
+    if len(set(pass1.values())) != 1:
+        raise SystemExit(f"the three ways disagree on Pass@1: {pass1}")
     result = {
         "backend": backend,
         "cpu_count": os.cpu_count(),
         "loadavg_before": [round(x, 2) for x in load_before],
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-        "serial": _summary(n, 1, serial_t, pass1[1]),
-        "parallel": _summary(n, workers, parallel_t, pass1[workers]),
+        "serial": _summary(n, 1, serial_t, pass1["serial"]),
+        "parallel": _summary(n, workers, parallel_t, pass1["parallel"]),
+        "pooled": _summary(n, workers, pooled_t, pass1["pooled"]),
         "speedup_median": round(statistics.median(ratios), 2),
         "speedup_per_repeat": [round(r, 2) for r in ratios],
+        "pool_speedup_median": round(statistics.median(pool_ratios), 2),
+        "pool_speedup_per_repeat": [round(r, 2) for r in pool_ratios],
     }
     print(f"  backend {backend}: serial {result['serial']['candidates_per_s']} cand/s, "
           f"{workers} workers {result['parallel']['candidates_per_s']} cand/s, "
-          f"ratio parallel/serial {result['speedup_median']:.2f}x (median of {args.repeats} pairs)")
+          f"pooled {result['pooled']['candidates_per_s']} cand/s; ratio parallel/serial "
+          f"{result['speedup_median']:.2f}x, pooled/parallel {result['pool_speedup_median']:.2f}x "
+          f"(medians of {args.repeats})")
     print(f"saved {save('passk', result)}")
     return result
 

@@ -96,12 +96,12 @@ _TMPFS_BYTES = 64 * 1024 * 1024
 _PROBE_TIMEOUT_S = 20.0
 _BACKENDS = ("bwrap", "rlimit", "unconfined")
 
-_CHILD = r'''
-def _harness():
+#: The prelude every candidate runs under, as source: ``_harness(fd, mode, cpu_s, mem_mb, use_hook,
+#: data)`` never returns. ``_CHILD`` starts it in a fresh interpreter (one sandbox per candidate);
+#: :mod:`knexa_node.sandbox_pool` starts it in a child forked per candidate by a long-lived server.
+_HARNESS = r'''
+def _harness(fd, mode, cpu_s, mem_mb, use_hook, data):
     import os, sys, resource, builtins, _thread, collections, signal, itertools
-    fd, mode, cpu_s, mem_mb = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    use_hook = sys.argv[5] == "hook"
-    data = sys.stdin.buffer.read()
     nonce, _, src = data.partition(b"\n")
     null = os.open(os.devnull, os.O_RDWR)
     for std in (0, 1, 2):
@@ -128,10 +128,10 @@ def _harness():
         table = {
             "x86_64": (0xC000003E, True, dict(socket=41, clone=56, fork=57, vfork=58, kill=62,
                        ptrace=101, tgkill=234, io_uring_setup=425, clone3=435, rt_sigaction=13,
-                       unshare=272, setns=308)),
+                       unshare=272, setns=308, process_vm_readv=310, process_vm_writev=311)),
             "aarch64": (0xC00000B7, False, dict(socket=198, clone=220, kill=129, ptrace=117,
                         tgkill=131, io_uring_setup=425, clone3=435, rt_sigaction=134,
-                        unshare=97, setns=268)),
+                        unshare=97, setns=268, process_vm_readv=270, process_vm_writev=271)),
         }
         if os.uname().machine not in table:
             return "no-seccomp-arch"
@@ -150,7 +150,8 @@ def _harness():
         rule("clone", [(LD, 0, 0, 16), (JSET, 0, 1, 0x00010000), (RET, 0, 0, ALLOW),
                        (RET, 0, 0, ERRNO | EPERM)])
         rule("clone3", [(RET, 0, 0, ERRNO | ENOSYS)])
-        for name in ("fork", "vfork", "ptrace", "io_uring_setup", "rt_sigaction", "unshare", "setns"):
+        for name in ("fork", "vfork", "ptrace", "io_uring_setup", "rt_sigaction", "unshare", "setns",
+                     "process_vm_readv", "process_vm_writev"):
             rule(name, [(RET, 0, 0, ERRNO | EPERM)])
         rule("socket", [(RET, 0, 0, ERRNO | EACCES)])
         rule("kill", [(LD, 0, 0, 16), (JEQ, 2, 0, pid), (JEQ, 1, 0, 0), (RET, 0, 0, ERRNO | EPERM),
@@ -265,8 +266,13 @@ def _harness():
         die(0)
     report("failed " + (failures[0] if failures else "exit"))
     die(1)
+'''
+
+_CHILD = _HARNESS + r'''
 import sys
-sys.modules["__main__"].__dict__.pop("_harness")(*())
+sys.modules["__main__"].__dict__.pop("_harness")(
+    int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "hook",
+    sys.stdin.buffer.read())
 '''
 
 

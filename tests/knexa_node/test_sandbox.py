@@ -27,6 +27,7 @@ from knexa_node.sandbox import (
     run_program,
     sandbox_backend,
 )
+from knexa_node.sandbox_pool import SandboxPool
 
 TIMEOUT = 15.0  # generous: a loaded CI machine must not turn a pass into a timeout
 
@@ -52,8 +53,20 @@ def dropped_python() -> str | None:
     return _DROPPED_PYTHON[0]
 
 
+#: how ``run`` executes: "one-shot" (a sandbox per candidate) or "pooled" (a SandboxPool's fork)
+_SHAPE = ["one-shot"]
+
+
+@pytest.fixture(params=["one-shot", "pooled"])
+def shape(request: pytest.FixtureRequest):  # noqa: ANN201 - a generator fixture
+    _SHAPE[0] = request.param
+    yield request.param
+    _SHAPE[0] = "one-shot"
+
+
 @pytest.fixture(params=["bwrap", "rlimit", "unconfined"])
-def backend(request: pytest.FixtureRequest) -> str:
+def backend(request: pytest.FixtureRequest, shape: str) -> str:
+    """Every backend, each both one-shot and through a SandboxPool (the same guarantees hold)."""
     if request.param == "bwrap" and shutil_which("bwrap") is None:
         pytest.skip("bubblewrap is not installed here")
     if request.param == "bwrap" and sb._probe_bwrap() is not None:
@@ -71,7 +84,14 @@ def shutil_which(name: str) -> str | None:
 
 def run(program: str, backend: str, *, timeout_s: float = TIMEOUT, hook: bool = True) -> SandboxResult:
     python = dropped_python() if backend == "rlimit" else None
-    return sb._execute(program, backend, timeout_s=timeout_s, memory_mb=512, audit_hook=hook, python=python)
+    if _SHAPE[0] == "one-shot":
+        return sb._execute(program, backend, timeout_s=timeout_s, memory_mb=512, audit_hook=hook, python=python)
+    with SandboxPool(1, timeout_s=timeout_s, memory_mb=512, backend=backend, audit_hook=hook,
+                     python=python) as pool:
+        assert pool.reuse, "the pool fell back to one-shot sandboxes: nothing pooled was tested"
+        result = pool.run(program)
+        assert pool.run("assert 1 + 1 == 2\n").passed, "the candidate broke the server for the next one"
+        return result
 
 
 # ---- results and backend selection ---------------------------------------------------------------
