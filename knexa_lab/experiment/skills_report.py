@@ -28,6 +28,7 @@ import numpy as np
 from protocol._layout import CATEGORIES
 
 from . import tables
+from .methods import P2P_METHODS
 from .stats import mean_ci, paired_difference
 
 if TYPE_CHECKING:
@@ -122,6 +123,10 @@ def oracle_fraction(results: Sequence[tables.MethodResult], method: str = "knexa
             "note": None if gain_o.ci.mean > 0 else "Oracle-P2P did not beat Random-P2P: no fraction"}
 
 
+#: every matcher measured against the oracle: the P2P methods but the baseline, heuristic last
+_FRACTION_METHODS = (*(m for m in P2P_METHODS if m not in ("random-p2p", "heuristic-p2p")), "heuristic-p2p")
+
+
 def skills_summary(exp: Experiment, results: Sequence[tables.MethodResult]) -> dict[str, Any]:
     methods = [r.name for r in results]
     quality = {m: pair_quality(exp, m) for m in methods}
@@ -133,10 +138,7 @@ def skills_summary(exp: Experiment, results: Sequence[tables.MethodResult]) -> d
         "pair_quality": {m: {**mean_ci(list(q.values())).to_dict(), "per_seed": q} for m, q in quality.items() if q},
         "reward_signal": {m: {**mean_ci(list(q.values())).to_dict(), "per_seed": q} for m, q in signal.items() if q},
         "oracle_fraction": [f for f in (oracle_fraction(results, m, metric)
-                                        for m in ("knexa-fl", "knexa-fl-concat", "knexa-fl-hybrid", "knexa-fl-skills",
-                                                  "knexa-fl-compact", "knexa-fl-prior", "knexa-fl-prior-greedy",
-                                                  "knexa-fl-prior-adaptive", "skill-gap-p2p",
-                                                  "heuristic-p2p")
+                                        for m in _FRACTION_METHODS
                                         for metric in ("pass_at_1", "auc_pass_at_1")) if f],
     }
 
