@@ -283,7 +283,11 @@ class SandboxPool:
 
     def _probe(self) -> bool:
         """Reuse sandboxes only where a forked child reports seccomp in force."""
-        server = self._server()
+        try:
+            server = self._server()
+        except OSError as exc:
+            logger.warning("sandbox pool: could not spawn a server (%s); running candidates one-shot", exc)
+            return False
         nonce = secrets.token_hex(16)
         try:
             code, timed_out, raw = server.exchange(nonce, "assert 1 + 1 == 2\n")
@@ -315,8 +319,12 @@ class SandboxPool:
         try:
             server = self._idle.get_nowait()
         except queue.Empty:
-            with self._lock:
+            try:
                 server = self._server()
+            except OSError as exc:
+                logger.warning("sandbox pool: could not spawn a server: %s", exc)
+                return SandboxResult(False, "error", "spawn")
+            with self._lock:
                 self._all.append(server)
         try:
             return server.run(program)

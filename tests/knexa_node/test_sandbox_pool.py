@@ -98,3 +98,19 @@ def test_bad_arguments_are_refused() -> None:
     for kwargs in ({"workers": 0}, {"workers": 1, "timeout_s": 0}, {"workers": 1, "memory_mb": -1}):
         with pytest.raises(ValueError):
             SandboxPool(**kwargs)
+
+
+def test_a_server_that_cannot_be_spawned_is_an_error_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
+    with SandboxPool(1, timeout_s=TIMEOUT, backend="bwrap") as pool:
+        os.killpg(pool._all[0].proc.pid, signal.SIGKILL)
+        pool._all[0].proc.wait()
+        assert pool.run(PASS).status == "error"  # the dead server's candidate
+        monkeypatch.setattr(sp.subprocess, "Popen", _refuse)
+        assert (pool.run(PASS).status, pool.run(PASS).detail) == ("error", "spawn")
+    with SandboxPool(1, timeout_s=TIMEOUT, backend="bwrap") as fallback:  # Popen still refused
+        assert not fallback.reuse
+        assert fallback.run(PASS).detail == "spawn"  # the one-shot path reports it the same way
+
+
+def _refuse(*args: object, **kwargs: object) -> None:
+    raise OSError("no processes left")
