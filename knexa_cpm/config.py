@@ -50,19 +50,21 @@ class CpmSection:
     #: Prometheus endpoint "HOST:PORT" ("" = off; port 0 = any free port, logged)
     metrics_listen: str = ""
     #: circuit relay v2 for members behind NATs (members only; docs/operations.md): on/off, how
-    #: long a reservation lasts, and per circuit (one relayed connection) its lifetime and bytes
+    #: long a reservation lasts, and per circuit (one relayed connection) its lifetime and bytes;
+    #: reservations in all, and circuits at once to one reserved member
     relay: bool = True
     relay_reservation_ttl_s: int = 900
     relay_circuit_duration_s: int = 600
     relay_circuit_bytes: int = 64 * 1024 * 1024
     relay_max_reservations: int = 512
+    relay_max_circuits_per_peer: int = 8
 
     def __post_init__(self) -> None:
         from knexa_runtime.daemon import check_common
 
         check_common(self.log_format, self.metrics_listen, self.log_level)
         if min(self.relay_reservation_ttl_s, self.relay_circuit_duration_s, self.relay_circuit_bytes,
-               self.relay_max_reservations) <= 0:
+               self.relay_max_reservations, self.relay_max_circuits_per_peer) <= 0:
             raise ValueError("relay limits must be > 0")
         if not 0.0 < self.quorum <= 1.0:
             raise ValueError("quorum must be in (0, 1]")

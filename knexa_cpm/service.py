@@ -55,7 +55,7 @@ from .public_sets import PublicSet, PublicSetError, PublicSetStore, serve_public
 from .rounds import RoundMachine, RoundSettings, short
 from .state import load_state, save_state
 
-__all__ = ["RELOADABLE", "CpmService", "serve"]
+__all__ = ["RELOADABLE", "CpmService", "relay_policy", "serve"]
 
 logger = logging.getLogger("knexa_cpm")
 REQUEST_CAP = 8 * 1024
@@ -335,6 +335,15 @@ class CpmService:
             await sub.get()  # our own and stray messages; subscribing keeps us in the mesh
 
 
+def relay_policy(cfg: CpmSection) -> RelayPolicy | None:
+    """The limits the CPM's circuit relay grants members, from ``[cpm]``; None when ``relay`` is off."""
+    if not cfg.relay:
+        return None
+    return RelayPolicy(reservation_ttl_s=cfg.relay_reservation_ttl_s, circuit_duration_s=cfg.relay_circuit_duration_s,
+                       circuit_bytes=cfg.relay_circuit_bytes, max_reservations=cfg.relay_max_reservations,
+                       max_circuits_per_peer=cfg.relay_max_circuits_per_peer)
+
+
 async def serve(cfg: CpmSection, *, service: CpmService | None = None,
                 task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Run the CPM until cancelled. Reports its multiaddrs via `task_status.started`."""
@@ -344,9 +353,7 @@ async def serve(cfg: CpmSection, *, service: CpmService | None = None,
     if cfg.metrics_listen:
         svc.metrics_port = svc.metrics.serve(*parse_hostport(cfg.metrics_listen))
     try:
-        relay = RelayPolicy(reservation_ttl_s=cfg.relay_reservation_ttl_s,
-                            circuit_duration_s=cfg.relay_circuit_duration_s, circuit_bytes=cfg.relay_circuit_bytes,
-                            max_reservations=cfg.relay_max_reservations) if cfg.relay else None
+        relay = relay_policy(cfg)
         async with open_host(svc.identity, cfg.listen, gossip=gossip, gate=svc.gate(), relay=relay) as host:
             svc._host = host
             svc.dialback = DialBackService(host, svc.is_member)

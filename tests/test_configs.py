@@ -47,3 +47,17 @@ def test_operations_settings_are_validated():
         load_config(CpmConfig, None, {"cpm": {"metrics_listen": "localhost:99999"}})
     cfg = load_config(CpmConfig, None, {"cpm": {"metrics_listen": "127.0.0.1:0", "log_format": "json"}})
     assert cfg.cpm.metrics_listen == "127.0.0.1:0"
+
+
+def test_relay_limits_come_from_the_cpm_config():
+    from knexa_cpm.service import relay_policy
+
+    cfg = load_config(CpmConfig, DEPLOY / "cpm.example.toml",
+                      {"cpm": {"relay_max_circuits_per_peer": 3, "relay_circuit_bytes": 1 << 20}})
+    policy = relay_policy(cfg.cpm)
+    assert policy is not None
+    assert (policy.max_circuits_per_peer, policy.circuit_bytes) == (3, 1 << 20)
+    assert policy.limits().max_circuit_conns == 3  # what py-libp2p's relay enforces
+    assert relay_policy(load_config(CpmConfig, None, {"cpm": {"relay": False}}).cpm) is None
+    with pytest.raises(ConfigError, match="relay limits must be > 0"):
+        load_config(CpmConfig, None, {"cpm": {"relay_max_circuits_per_peer": 0}})
