@@ -8,7 +8,7 @@ demo:
 test:
 	@scripts/bootstrap.sh test
 	@.venv/bin/ruff check .
-	@.venv/bin/python -m pytest -q tests
+	@.venv/bin/python -m pytest -q --durations=25 tests
 
 lint:
 	@.venv/bin/ruff check .
