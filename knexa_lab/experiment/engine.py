@@ -123,7 +123,7 @@ def _free(clients: list[Client]) -> None:
 # ---- results directory --------------------------------------------------------------------------
 
 def _open_results(out: Path, cfg: ExperimentConfig, mode: str, argv: list[str] | None) -> None:
-    from .provenance import run_info
+    from .provenance import git_commit, run_info
 
     out.mkdir(parents=True, exist_ok=True)
     data = config_to_dict(cfg)
@@ -137,7 +137,9 @@ def _open_results(out: Path, cfg: ExperimentConfig, mode: str, argv: list[str] |
         info = json.loads(info_path.read_text()) if info_path.exists() else {}
         if info.get("mode", mode) != mode:
             raise ExperimentError(f"{out} was run with --mode {info['mode']}, not {mode}")
+        # when, and from which code: a run continued by a later commit says so (its rows must not change)
         info.setdefault("resumed", []).append(time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        info.setdefault("resumed_git", []).append(git_commit())
         atomic_write_json(info_path, info)
         return
     atomic_write_json(cfg_path, data)

@@ -134,7 +134,9 @@ def test_an_experiment_saved_before_a_setting_existed_resumes_with_its_default(t
     (tmp_path / "config.json").write_text(json.dumps(saved))
     (tmp_path / "run-info.json").write_text(json.dumps({"mode": "sim"}))
     _open_results(tmp_path, cfg, "sim", None)
-    assert len(json.loads((tmp_path / "run-info.json").read_text())["resumed"]) == 1
+    info = json.loads((tmp_path / "run-info.json").read_text())
+    assert len(info["resumed"]) == len(info["resumed_git"]) == 1
+    assert info["resumed_git"][0] is None or len(info["resumed_git"][0]["commit"]) == 40  # the code that resumed it
 
     saved["skills"]["client_steps"] += 1  # a real difference is still refused, and named
     (tmp_path / "config.json").write_text(json.dumps(saved))
