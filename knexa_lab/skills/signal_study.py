@@ -20,7 +20,7 @@ It prints, per signal, the Spearman correlation with the teachable gain over all
 seed, averaged over seeds (and, for the drawn ones, over ``--draws`` draws), and writes them as
 JSON with ``--out``.
 
-    python -m knexa_lab.skills.signal_study docs/results/skills [--method random-p2p] [--out F]
+    python -m knexa_lab.skills.signal_study docs/results/skills-ablations [--method random-p2p] [--out F]
 """
 
 from __future__ import annotations
