@@ -1,5 +1,5 @@
-"""`knexa-lab`: run a local federation (`run`), compare FL methods (`experiment`), or rebuild
-tables and plots from saved results (`report`)."""
+"""`knexa-lab`: run a local federation (`run`), compare FL methods (`experiment`), rebuild
+tables and plots from saved results (`report`), or join an experiment run in parts (`merge`)."""
 
 from __future__ import annotations
 
@@ -37,6 +37,16 @@ def build_parser() -> argparse.ArgumentParser:
         "the Table-4-shaped markdown, per-client tables and PNG plots and print Table 4; for a "
         "`knexa-lab run` directory (results.json) print the per-round table and summary again.")
     report.add_argument("results_dir", type=Path)
+    merge = sub.add_parser(
+        "merge", help="join results directories that ran one experiment in parts (e.g. seeds on two machines)",
+        description=_MERGE_HELP,
+        epilog="example:\n  knexa-lab experiment --preset skills --seeds 1,2 --out a   # machine 1\n"
+        "  knexa-lab experiment --preset skills --seeds 3,4,5 --out b # machine 2\n"
+        "  knexa-lab merge skills-all a b",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    merge.add_argument("out", type=Path, help="new results directory")
+    merge.add_argument("parts", type=Path, nargs="+", metavar="PART", help="results directories to join")
+    merge.add_argument("--partial", action="store_true", help="also take unfinished runs (noted in run-info.json)")
     return parser
 
 
@@ -67,6 +77,17 @@ examples:
   knexa-lab experiment --preset embedded --methods local-only,random-p2p,knexa-fl --seeds 1,2
   knexa-lab experiment --preset tiny --set learning.lr=1e-4 --set methods.knexa-fl.beta0=0.5
   knexa-lab experiment --resume results/experiment-embedded-20250101-120000
+"""
+
+
+_MERGE_HELP = """\
+Write OUT as one experiment holding every (method, seed) run of the PARTs, then its report. Each
+run is independent, so a long preset can run its seeds or methods on several machines or sessions
+(same preset and --set, different --seeds/--methods/--out) and be reported together.
+
+Refused, with the reason: configurations that differ beyond methods, seeds and jobs; an unfinished
+run (finish it with --resume, or pass --partial); a run present in two parts with different rows
+(wall time and model cache paths aside). run-info.json keeps each part's command and commits.
 """
 
 
@@ -236,10 +257,26 @@ def _experiment_report(out: Path, *, missing_ok: bool = False) -> int:
     return 0
 
 
+def _merge(args: argparse.Namespace) -> int:
+    from .experiment.merge import MergeError, merge_results
+
+    try:
+        info = merge_results(args.parts, args.out, partial=args.partial,
+                             argv=["knexa-lab", "merge", *map(str, [args.out, *args.parts])]
+                             + (["--partial"] if args.partial else []))
+    except MergeError as exc:
+        return _fail(str(exc))
+    for note in info["notes"]:
+        print(f"[knexa-lab] {note}")
+    return _experiment_report(args.out)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "experiment":
         return _experiment(args)
+    if args.command == "merge":
+        return _merge(args)
     if args.command == "report":
         from .results import format_round_table, format_summary
 

@@ -99,6 +99,12 @@ def _method_order(planned: list[str], rows: list[dict[str, Any]]) -> tuple[str, 
     return tuple(dict.fromkeys([*planned, *(r["method"] for r in rows)]))
 
 
+def _commit(git: Any) -> str | None:
+    if not isinstance(git, dict) or not git.get("commit"):
+        return None
+    return str(git["commit"])[:12] + (" (dirty)" if git.get("dirty") else "")
+
+
 def load_experiment(results_dir: Path) -> Experiment:
     """Read a results directory, tolerating a missing config/run-info and odd rows.
 
@@ -133,8 +139,9 @@ def load_experiment(results_dir: Path) -> Experiment:
         if r.get("model"):
             models.setdefault(r["client"], str(r["model"]))
     clients = tuple(sorted({*models, *(r["client"] for r in rows)}, key=_client_key))
-    git = info.get("git") if isinstance(info.get("git"), dict) else {}
-    commit = (git["commit"][:12] + (" (dirty)" if git.get("dirty") else "")) if git.get("commit") else None
+    commit = _commit(info.get("git"))
+    if isinstance(info.get("parts"), list):  # `knexa-lab merge`: each part ran from its own checkout
+        commit = " + ".join(dict.fromkeys(_commit(p.get("git")) or "?" for p in info["parts"] if isinstance(p, dict)))
     return Experiment(
         directory=results_dir, rows=tuple(rows), methods=_method_order(list(e.get("methods") or []), rows),
         rounds=rounds, seeds=tuple(seeds), clients=clients, models=models,

@@ -1,0 +1,190 @@
+"""One experiment from results directories that ran it in parts (``knexa-lab merge``).
+
+Every (method, seed) run is independent of the others (its own split, models and seeds), so a
+preset that takes hours can run its seeds on several machines, or across sessions, and be
+reported as one. Merging is only honest if the parts are the same experiment: their
+configurations must agree on everything but which methods and seeds they ran (and ``jobs``,
+which does not change results), each run must be complete, and a run present in two parts must
+have the same rows (it was reproduced, not re-rolled). Anything else is refused with the reason.
+The merged ``run-info.json`` keeps each part's provenance (command, commits, resumes).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from knexa_runtime.atomic import atomic_write_json
+
+from .engine import CONFIG_FILE, RUN_INFO_FILE, ExperimentError, _differences, _with_defaults
+from .metrics import METRICS_CSV, METRICS_JSONL, append_rows, read_rows, write_csv
+
+__all__ = ["MergeError", "Part", "merge_results"]
+
+#: fields that legitimately differ between two executions of the same run: the wall clock, and
+#: the model's cache path (a skills client model is rebuilt bit for bit under another cache dir)
+_VOLATILE = ("wall_s", "model")
+#: config keys a part may differ in
+_PER_PART = ("methods", "seeds", "jobs")
+
+
+class MergeError(ExperimentError):
+    """The parts are not one experiment, or a part is unfinished; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Part:
+    """One results directory, read."""
+
+    path: Path
+    config: dict[str, Any]
+    info: dict[str, Any]
+    rows: list[dict[str, Any]]
+
+    @property
+    def runs(self) -> dict[tuple[str, int], list[dict[str, Any]]]:
+        out: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+        for r in self.rows:
+            out[(r["method"], int(r["seed"]))].append(r)
+        return dict(out)
+
+
+def _read_part(path: Path) -> Part:
+    path = Path(path)
+    for name in (CONFIG_FILE, METRICS_JSONL):
+        if not (path / name).is_file():
+            raise MergeError(f"{path} is not an experiment's results directory ({name} missing)")
+    try:
+        config = _with_defaults(json.loads((path / CONFIG_FILE).read_text(encoding="utf-8")))
+        info_path = path / RUN_INFO_FILE
+        info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
+    except json.JSONDecodeError as exc:
+        raise MergeError(f"{path}: unreadable config.json or run-info.json ({exc})") from exc
+    rows = read_rows(path / METRICS_JSONL)
+    bad = [r for r in rows if not isinstance(r, dict) or not {"method", "seed", "round", "client"} <= r.keys()]
+    if bad:
+        raise MergeError(f"{path}/{METRICS_JSONL}: {len(bad)} rows without method/seed/round/client")
+    return Part(path, config, info, rows)
+
+
+def _shared(config: dict[str, Any]) -> dict[str, Any]:
+    """What every part must agree on."""
+    exp = {k: v for k, v in config.get("experiment", {}).items() if k not in _PER_PART}
+    return {**config, "experiment": exp}
+
+
+def _check_same_experiment(parts: Sequence[Part]) -> None:
+    first = parts[0]
+    for other in parts[1:]:
+        diff = _differences(_shared(first.config), _shared(other.config))
+        if diff:
+            raise MergeError(f"{other.path} is another experiment than {first.path}: their configurations "
+                             f"differ in {', '.join(diff)}")
+        modes = first.info.get("mode", "sim"), other.info.get("mode", "sim")
+        if modes[0] != modes[1]:
+            raise MergeError(f"{first.path} ran --mode {modes[0]}, {other.path} --mode {modes[1]}")
+
+
+def _check_complete(part: Part, rounds: int, partial: bool) -> list[str]:
+    """Unfinished runs of ``part``: an error, or (``partial``) notes for run-info.json."""
+    problems = []
+    for (method, seed), rows in sorted(part.runs.items()):
+        by_round: dict[int, set[str]] = defaultdict(set)
+        for r in rows:
+            by_round[int(r["round"])].add(str(r["client"]))
+        clients = by_round.get(1, set())
+        missing = [r for r in range(1, rounds + 1) if by_round.get(r) != clients or not clients]
+        if missing:
+            problems.append(f"{method} seed {seed} in {part.path} lacks rows for round(s) "
+                            f"{', '.join(map(str, missing))} of {rounds}")
+    if problems and not partial:
+        raise MergeError("unfinished runs (finish them with knexa-lab experiment --resume DIR, or merge "
+                         "with --partial to report them as they are): " + "; ".join(problems))
+    return problems
+
+
+def _comparable(rows: list[dict[str, Any]]) -> dict[tuple[Any, ...], dict[str, Any]]:
+    return {(r["round"], r["client"]): {k: v for k, v in r.items() if k not in _VOLATILE} for r in rows}
+
+
+def _ordered(values: list[Any]) -> list[Any]:
+    seen: dict[Any, None] = {}
+    for v in values:
+        seen.setdefault(v, None)
+    return list(seen)
+
+
+def merge_results(parts: Sequence[Path], out: Path, *, partial: bool = False,
+                  argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Write ``out`` (config.json, run-info.json, metrics.jsonl/.csv) as one experiment holding
+    every run of ``parts``; return its run-info. The caller writes the report.
+
+    Raises:
+        MergeError: fewer than two parts, ``out`` not empty, configurations that differ beyond
+            methods/seeds/jobs, an unfinished run (unless ``partial``), or a run in two parts
+            whose rows differ.
+    """
+    if len(parts) < 2:
+        raise MergeError("merge needs at least two results directories")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise MergeError(f"{out} is not empty; merge into a new directory")
+    read = [_read_part(p) for p in parts]
+    _check_same_experiment(read)
+    rounds = int(read[0].config.get("experiment", {}).get("rounds") or 0)
+    unfinished = [p for part in read for p in _check_complete(part, rounds, partial)]
+
+    runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    source: dict[tuple[str, int], Path] = {}
+    reproduced = []
+    for part in read:
+        for key, rows in part.runs.items():
+            if key not in runs:
+                runs[key], source[key] = rows, part.path
+                continue
+            if _comparable(rows) != _comparable(runs[key]):
+                raise MergeError(f"{key[0]} seed {key[1]} is in {source[key]} and {part.path} with different "
+                                 "rows: the same run must give the same rows; keep one of them")
+            reproduced.append(f"{key[0]} seed {key[1]} ({source[key]} and {part.path}: same rows)")
+
+    methods = _ordered([m for part in read for m in part.config["experiment"].get("methods", [])]
+                       + [m for m, _ in runs])
+    seeds = sorted({int(s) for part in read for s in part.config["experiment"].get("seeds", [])} | {s for _, s in runs})
+    config = json.loads(json.dumps(read[0].config))
+    config["experiment"]["methods"] = [m for m in methods if any(k[0] == m for k in runs)]
+    config["experiment"]["seeds"] = [s for s in seeds if any(k[1] == s for k in runs)]
+
+    info = {k: v for k, v in read[0].info.items() if k not in ("command", "started", "resumed", "resumed_git", "notes")}
+    info.update({
+        "seeds": config["experiment"]["seeds"],
+        "command": " ".join(argv) if argv is not None else None,
+        "merged": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "parts": [{
+            "directory": str(part.path),
+            "runs": {m: sorted(s for (mm, s) in part.runs if mm == m) for m in _ordered([m for m, _ in part.runs])},
+            **{k: part.info[k] for k in ("command", "started", "git", "resumed", "resumed_git", "packages", "machine",
+                                          "notes") if k in part.info},
+        } for part in read],
+    })
+    commits = _ordered([(p.info.get("git") or {}).get("commit") for p in read])
+    if len(commits) > 1:
+        info["git"] = None  # no single commit produced these rows; each part's is under "parts"
+    notes = [f"merged from {len(read)} results directories with `knexa-lab merge`"]
+    notes += [f"reproduced: {r}" for r in reproduced]
+    notes += [f"unfinished: {u}" for u in unfinished]
+    info["notes"] = notes
+
+    out.mkdir(parents=True, exist_ok=True)
+    key_order = {m: i for i, m in enumerate(config["experiment"]["methods"])}
+    ordered_keys = sorted(runs, key=lambda k: (k[1], key_order[k[0]]))
+    append_rows(out / METRICS_JSONL, [r for k in ordered_keys for r in sorted(
+        runs[k], key=lambda r: (int(r["round"]), len(str(r["client"])), str(r["client"])))])
+    write_csv(out / METRICS_JSONL, out / METRICS_CSV)
+    atomic_write_json(out / CONFIG_FILE, config)
+    atomic_write_json(out / RUN_INFO_FILE, info)
+    return info

@@ -1,0 +1,124 @@
+"""`knexa-lab merge`: an experiment run in parts (seeds on two machines) reports as the whole run,
+and parts that are not one experiment are refused with the reason."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from .conftest import read_rows, tiny_config
+
+pytestmark = pytest.mark.slow
+
+METHODS = ["local-only", "random-p2p"]
+
+
+def _comparable(rows):
+    return {(r["method"], r["seed"], r["round"], r["client"]): {k: v for k, v in r.items() if k != "wall_s"}
+            for r in rows}
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory, model_cache) -> dict[str, Path]:
+    """The same tiny experiment three times: seed 1 alone, seed 2 alone, both seeds at once."""
+    from knexa_lab.experiment.engine import run_experiment
+
+    out = {}
+    for name, seeds in (("seed1", [1]), ("seed2", [2]), ("whole", [1, 2])):
+        out[name] = tmp_path_factory.mktemp(name)
+        failed = run_experiment(tiny_config(methods=METHODS, seeds=seeds), out[name], cache_dir=model_cache,
+                                progress=False, argv=["knexa-lab", "experiment", name])
+        assert failed == []
+    return out
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("runs", "data"))
+    return dst
+
+
+def test_parts_merge_into_the_whole_run(parts, tmp_path):
+    from knexa_lab.cli import main
+
+    out = tmp_path / "merged"
+    assert main(["merge", str(out), str(parts["seed2"]), str(parts["seed1"])]) == 0
+    assert _comparable(read_rows(out)) == _comparable(read_rows(parts["whole"]))
+    merged, whole = (json.loads((d / "config.json").read_text()) for d in (out, parts["whole"]))
+    assert merged == whole
+    info = json.loads((out / "run-info.json").read_text())
+    assert info["seeds"] == [1, 2]
+    assert [p["runs"] for p in info["parts"]] == [{m: [2] for m in METHODS}, {m: [1] for m in METHODS}]
+    assert [p["command"] for p in info["parts"]] == ["knexa-lab experiment seed2", "knexa-lab experiment seed1"]
+    assert info["command"].startswith("knexa-lab merge ")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seeds"] == [1, 2]
+    assert [m["name"] for m in summary["methods"]] == METHODS
+    assert all(m["seeds"] == [1, 2] for m in summary["methods"])
+    # the report (Table 4's CIs, the paired comparisons) is the whole run's
+    from knexa_lab.experiment.report import write_report
+
+    write_report(parts["whole"])
+    whole_summary = json.loads((parts["whole"] / "summary.json").read_text())
+    assert summary["comparisons"] == whole_summary["comparisons"]
+    assert [m["metrics"]["pass_at_1"] for m in summary["methods"]] == [
+        m["metrics"]["pass_at_1"] for m in whole_summary["methods"]]
+    assert (out / "table4.md").is_file() and (out / "metrics.csv").is_file()
+
+
+def test_parts_of_another_experiment_are_refused(parts, tmp_path):
+    from knexa_lab.experiment.merge import MergeError, merge_results
+
+    other = _copy(parts["seed2"], tmp_path / "other")
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["learning"]["lr"] *= 2
+    cfg["experiment"]["jobs"] = 7  # jobs alone would not matter
+    (other / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(MergeError, match=r"differ in learning\.lr$"):
+        merge_results([parts["seed1"], other], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unfinished_run_is_refused_unless_partial(parts, tmp_path):
+    from knexa_lab.experiment.merge import MergeError, merge_results
+
+    cut = _copy(parts["seed2"], tmp_path / "cut")
+    rows = read_rows(cut)
+    (cut / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows
+                                              if not (r["method"] == "random-p2p" and r["round"] == 2)))
+    with pytest.raises(MergeError, match=r"random-p2p seed 2 .* round\(s\) 2 of 2"):
+        merge_results([parts["seed1"], cut], tmp_path / "out")
+    info = merge_results([parts["seed1"], cut], tmp_path / "out", partial=True)
+    assert any(n.startswith("unfinished: random-p2p seed 2") for n in info["notes"])
+    assert len(read_rows(tmp_path / "out")) == len(rows) * 2 - 3
+
+
+def test_a_run_in_two_parts_must_have_the_same_rows(parts, tmp_path):
+    from knexa_lab.experiment.merge import MergeError, merge_results
+
+    again = _copy(parts["seed1"], tmp_path / "again")  # the same run, reproduced elsewhere
+    info = merge_results([parts["seed1"], again, parts["seed2"]], tmp_path / "ok")
+    assert sum(n.startswith("reproduced: ") for n in info["notes"]) == len(METHODS)
+    assert _comparable(read_rows(tmp_path / "ok")) == _comparable(read_rows(parts["whole"]))
+
+    rows = read_rows(again)
+    rows[-1]["pass_at_1"] = (rows[-1]["pass_at_1"] or 0.0) + 0.5
+    (again / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(MergeError, match=f"{rows[-1]['method']} seed 1 is in .* with different rows"):
+        merge_results([parts["seed1"], again], tmp_path / "bad")
+
+
+def test_bad_invocations_fail_with_a_reason(parts, tmp_path, capsys):
+    from knexa_lab.cli import main
+
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("keep me")
+    assert main(["merge", str(tmp_path / "full"), str(parts["seed1"]), str(parts["seed2"])]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (tmp_path / "full" / "x").read_text() == "keep me"
+    assert main(["merge", str(tmp_path / "o"), str(parts["seed1"])]) == 2
+    assert "at least two" in capsys.readouterr().err
+    assert main(["merge", str(tmp_path / "o"), str(parts["seed1"]), str(tmp_path)]) == 2
+    assert "not an experiment's results directory" in capsys.readouterr().err
