@@ -46,7 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     merge.add_argument("out", type=Path, help="new results directory")
     merge.add_argument("parts", type=Path, nargs="+", metavar="PART", help="results directories to join")
-    merge.add_argument("--partial", action="store_true", help="also take unfinished runs (noted in run-info.json)")
+    unfinished = merge.add_mutually_exclusive_group()
+    unfinished.add_argument("--partial", action="store_true", help="also take unfinished runs, as they are "
+                            "(noted in run-info.json)")
+    unfinished.add_argument("--finished-only", action="store_true", help="leave unfinished runs out (noted); "
+                            "with one PART: the finished runs of an experiment still in progress")
     return parser
 
 
@@ -86,8 +90,10 @@ run is independent, so a long preset can run its seeds or methods on several mac
 (same preset and --set, different --seeds/--methods/--out) and be reported together.
 
 Refused, with the reason: configurations that differ beyond methods, seeds and jobs; an unfinished
-run (finish it with --resume, or pass --partial); a run present in two parts with different rows
-(wall time and model cache paths aside). run-info.json keeps each part's command and commits.
+run (finish it with --resume, pass --partial to keep it as it is, or --finished-only to leave it
+out); a run present in two parts with different rows (wall time and model cache paths aside).
+run-info.json keeps each part's command and commits. With one PART and --finished-only, OUT holds
+the finished runs of an experiment still in progress.
 """
 
 
@@ -261,9 +267,10 @@ def _merge(args: argparse.Namespace) -> int:
     from .experiment.merge import MergeError, merge_results
 
     try:
-        info = merge_results(args.parts, args.out, partial=args.partial,
-                             argv=["knexa-lab", "merge", *map(str, [args.out, *args.parts])]
-                             + (["--partial"] if args.partial else []))
+        unfinished = "keep" if args.partial else "drop" if args.finished_only else "refuse"
+        flags = {"keep": ["--partial"], "drop": ["--finished-only"], "refuse": []}[unfinished]
+        info = merge_results(args.parts, args.out, unfinished=unfinished,
+                             argv=["knexa-lab", "merge", *flags, *map(str, [args.out, *args.parts])])
     except MergeError as exc:
         return _fail(str(exc))
     for note in info["notes"]:

@@ -17,20 +17,23 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from knexa_runtime.atomic import atomic_write_json
 
 from .engine import CONFIG_FILE, RUN_INFO_FILE, ExperimentError, _differences, _with_defaults
 from .metrics import METRICS_CSV, METRICS_JSONL, append_rows, read_rows, write_csv
 
-__all__ = ["MergeError", "Part", "merge_results"]
+__all__ = ["MergeError", "Part", "Unfinished", "merge_results"]
 
 #: fields that legitimately differ between two executions of the same run: the wall clock, and
 #: the model's cache path (a skills client model is rebuilt bit for bit under another cache dir)
 _VOLATILE = ("wall_s", "model")
 #: config keys a part may differ in
 _PER_PART = ("methods", "seeds", "jobs")
+
+
+Unfinished = Literal["refuse", "keep", "drop"]
 
 
 class MergeError(ExperimentError):
@@ -90,9 +93,9 @@ def _check_same_experiment(parts: Sequence[Part]) -> None:
             raise MergeError(f"{first.path} ran --mode {modes[0]}, {other.path} --mode {modes[1]}")
 
 
-def _check_complete(part: Part, rounds: int, partial: bool) -> list[str]:
-    """Unfinished runs of ``part``: an error, or (``partial``) notes for run-info.json."""
-    problems = []
+def _unfinished(part: Part, rounds: int) -> dict[tuple[str, int], str]:
+    """The runs of ``part`` that lack rows, each with what it lacks."""
+    problems = {}
     for (method, seed), rows in sorted(part.runs.items()):
         by_round: dict[int, set[str]] = defaultdict(set)
         for r in rows:
@@ -100,11 +103,8 @@ def _check_complete(part: Part, rounds: int, partial: bool) -> list[str]:
         clients = by_round.get(1, set())
         missing = [r for r in range(1, rounds + 1) if by_round.get(r) != clients or not clients]
         if missing:
-            problems.append(f"{method} seed {seed} in {part.path} lacks rows for round(s) "
-                            f"{', '.join(map(str, missing))} of {rounds}")
-    if problems and not partial:
-        raise MergeError("unfinished runs (finish them with knexa-lab experiment --resume DIR, or merge "
-                         "with --partial to report them as they are): " + "; ".join(problems))
+            problems[(method, seed)] = (f"{method} seed {seed} in {part.path} lacks rows for round(s) "
+                                        f"{', '.join(map(str, missing))} of {rounds}")
     return problems
 
 
@@ -119,31 +119,43 @@ def _ordered(values: list[Any]) -> list[Any]:
     return list(seen)
 
 
-def merge_results(parts: Sequence[Path], out: Path, *, partial: bool = False,
+def merge_results(parts: Sequence[Path], out: Path, *, unfinished: Unfinished = "refuse",
                   argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Write ``out`` (config.json, run-info.json, metrics.jsonl/.csv) as one experiment holding
     every run of ``parts``; return its run-info. The caller writes the report.
 
+    Args:
+        unfinished: what to do with a run that lacks rows: "refuse" it, "keep" it as it is (the
+            report marks it partial), or "drop" it (one part then extracts the finished runs of
+            an experiment still in progress). Kept and dropped runs are listed in the notes.
     Raises:
-        MergeError: fewer than two parts, ``out`` not empty, configurations that differ beyond
-            methods/seeds/jobs, an unfinished run (unless ``partial``), or a run in two parts
-            whose rows differ.
+        MergeError: no parts, ``out`` not empty, configurations that differ beyond
+            methods/seeds/jobs, an unfinished run (when refused), or a run in two parts whose
+            rows differ.
     """
-    if len(parts) < 2:
-        raise MergeError("merge needs at least two results directories")
+    if not parts:
+        raise MergeError("merge needs at least one results directory")
+    if unfinished not in ("refuse", "keep", "drop"):
+        raise ValueError(f"unfinished must be refuse, keep or drop, not {unfinished!r}")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise MergeError(f"{out} is not empty; merge into a new directory")
     read = [_read_part(p) for p in parts]
     _check_same_experiment(read)
     rounds = int(read[0].config.get("experiment", {}).get("rounds") or 0)
-    unfinished = [p for part in read for p in _check_complete(part, rounds, partial)]
+    lacking = {(part.path, key): why for part in read for key, why in _unfinished(part, rounds).items()}
+    if lacking and unfinished == "refuse":
+        raise MergeError("unfinished runs (finish them with knexa-lab experiment --resume DIR, or pass "
+                         "--partial to report them as they are, or --finished-only to leave them out): "
+                         + "; ".join(lacking.values()))
 
     runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
     source: dict[tuple[str, int], Path] = {}
     reproduced = []
     for part in read:
         for key, rows in part.runs.items():
+            if unfinished == "drop" and (part.path, key) in lacking:
+                continue
             if key not in runs:
                 runs[key], source[key] = rows, part.path
                 continue
@@ -156,6 +168,8 @@ def merge_results(parts: Sequence[Path], out: Path, *, partial: bool = False,
                        + [m for m, _ in runs])
     seeds = sorted({int(s) for part in read for s in part.config["experiment"].get("seeds", [])} | {s for _, s in runs})
     config = json.loads(json.dumps(read[0].config))
+    if not runs:
+        raise MergeError("no finished run to merge")
     config["experiment"]["methods"] = [m for m in methods if any(k[0] == m for k in runs)]
     config["experiment"]["seeds"] = [s for s in seeds if any(k[1] == s for k in runs)]
 
@@ -176,7 +190,7 @@ def merge_results(parts: Sequence[Path], out: Path, *, partial: bool = False,
         info["git"] = None  # no single commit produced these rows; each part's is under "parts"
     notes = [f"merged from {len(read)} results directories with `knexa-lab merge`"]
     notes += [f"reproduced: {r}" for r in reproduced]
-    notes += [f"unfinished: {u}" for u in unfinished]
+    notes += [f"{'left out' if unfinished == 'drop' else 'unfinished'}: {why}" for why in lacking.values()]
     info["notes"] = notes
 
     out.mkdir(parents=True, exist_ok=True)

@@ -90,9 +90,34 @@ def test_an_unfinished_run_is_refused_unless_partial(parts, tmp_path):
                                               if not (r["method"] == "random-p2p" and r["round"] == 2)))
     with pytest.raises(MergeError, match=r"random-p2p seed 2 .* round\(s\) 2 of 2"):
         merge_results([parts["seed1"], cut], tmp_path / "out")
-    info = merge_results([parts["seed1"], cut], tmp_path / "out", partial=True)
+    info = merge_results([parts["seed1"], cut], tmp_path / "out", unfinished="keep")
     assert any(n.startswith("unfinished: random-p2p seed 2") for n in info["notes"])
     assert len(read_rows(tmp_path / "out")) == len(rows) * 2 - 3
+
+
+def test_finished_runs_of_an_experiment_in_progress(parts, tmp_path, capsys):
+    from knexa_lab.cli import main
+
+    cut = _copy(parts["whole"], tmp_path / "in-progress")
+    rows = read_rows(cut)
+    (cut / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows
+                                              if not (r["method"] == "random-p2p" and r["seed"] == 2)))
+    out = tmp_path / "finished"
+    assert main(["merge", "--finished-only", str(out), str(cut)]) == 0
+    assert _comparable(read_rows(out)) == {k: v for k, v in _comparable(rows).items()
+                                           if k[:2] != ("random-p2p", 2)}
+    info = json.loads((out / "run-info.json").read_text())
+    assert info["command"].startswith("knexa-lab merge --finished-only ")
+    assert [n for n in info["notes"] if n.startswith("left out: ")] == []  # a run with no rows is not a run
+    cut_more = _copy(cut, tmp_path / "torn")
+    kept = [r for r in read_rows(cut_more) if not (r["method"] == "local-only" and r["seed"] == 2 and r["round"] == 2)]
+    (cut_more / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    assert main(["merge", "--finished-only", str(tmp_path / "f2"), str(cut_more)]) == 0
+    info = json.loads((tmp_path / "f2" / "run-info.json").read_text())
+    assert any(n.startswith("left out: local-only seed 2") for n in info["notes"])
+    assert {(r["method"], r["seed"]) for r in read_rows(tmp_path / "f2")} == {
+        ("local-only", 1), ("random-p2p", 1)}
+    assert "left out: local-only seed 2" in capsys.readouterr().out
 
 
 def test_a_run_in_two_parts_must_have_the_same_rows(parts, tmp_path):
@@ -118,7 +143,8 @@ def test_bad_invocations_fail_with_a_reason(parts, tmp_path, capsys):
     assert main(["merge", str(tmp_path / "full"), str(parts["seed1"]), str(parts["seed2"])]) == 2
     assert "not empty" in capsys.readouterr().err
     assert (tmp_path / "full" / "x").read_text() == "keep me"
-    assert main(["merge", str(tmp_path / "o"), str(parts["seed1"])]) == 2
-    assert "at least two" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: one way to treat unfinished runs
+        main(["merge", "--partial", "--finished-only", str(tmp_path / "o"), str(parts["seed1"])])
+    assert "not allowed with argument" in capsys.readouterr().err
     assert main(["merge", str(tmp_path / "o"), str(parts["seed1"]), str(tmp_path)]) == 2
     assert "not an experiment's results directory" in capsys.readouterr().err
