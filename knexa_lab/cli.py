@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     merge.add_argument("out", type=Path, help="new results directory")
     merge.add_argument("parts", type=Path, nargs="+", metavar="PART", help="results directories to join")
+    merge.add_argument("--mixed-versions", action="store_true", help="merge parts whose recorded package "
+                       "versions differ (noted; refused by default: versions can change results)")
     unfinished = merge.add_mutually_exclusive_group()
     unfinished.add_argument("--partial", action="store_true", help="also take unfinished runs, as they are "
                             "(noted in run-info.json)")
@@ -89,7 +91,8 @@ Write OUT as one experiment holding every (method, seed) run of the PARTs, then 
 run is independent, so a long preset can run its seeds or methods on several machines or sessions
 (same preset and --set, different --seeds/--methods/--out) and be reported together.
 
-Refused, with the reason: configurations that differ beyond methods, seeds and jobs; an unfinished
+Refused, with the reason: configurations that differ beyond methods, seeds and jobs; package
+versions that differ (unless --mixed-versions: another tokenizers can change numbers); an unfinished
 run (finish it with --resume, pass --partial to keep it as it is, or --finished-only to leave it
 out); a run present in two parts with different rows (wall time and model cache paths aside).
 run-info.json keeps each part's command and commits. With one PART and --finished-only, OUT holds
@@ -269,7 +272,8 @@ def _merge(args: argparse.Namespace) -> int:
     try:
         unfinished = "keep" if args.partial else "drop" if args.finished_only else "refuse"
         flags = {"keep": ["--partial"], "drop": ["--finished-only"], "refuse": []}[unfinished]
-        info = merge_results(args.parts, args.out, unfinished=unfinished,
+        flags += ["--mixed-versions"] if args.mixed_versions else []
+        info = merge_results(args.parts, args.out, unfinished=unfinished, mixed_versions=args.mixed_versions,
                              argv=["knexa-lab", "merge", *flags, *map(str, [args.out, *args.parts])])
     except MergeError as exc:
         return _fail(str(exc))

@@ -123,7 +123,7 @@ def _free(clients: list[Client]) -> None:
 # ---- results directory --------------------------------------------------------------------------
 
 def _open_results(out: Path, cfg: ExperimentConfig, mode: str, argv: list[str] | None) -> None:
-    from .provenance import git_commit, run_info
+    from .provenance import git_commit, package_versions, run_info, version_differences
 
     out.mkdir(parents=True, exist_ok=True)
     data = config_to_dict(cfg)
@@ -140,6 +140,11 @@ def _open_results(out: Path, cfg: ExperimentConfig, mode: str, argv: list[str] |
         # when, and from which code: a run continued by a later commit says so (its rows must not change)
         info.setdefault("resumed", []).append(time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         info.setdefault("resumed_git", []).append(git_commit())
+        changed = version_differences(info.get("packages"), package_versions())
+        if changed:  # continuing is allowed (the finished rounds stay valid) but never silent
+            logger.warning("resuming %s with other package versions than it started with (%s): the rounds run "
+                           "now may not match what the old versions would have given", out, ", ".join(changed))
+            info.setdefault("resumed_versions", []).append({"at": info["resumed"][-1], "changed": changed})
         atomic_write_json(info_path, info)
         return
     atomic_write_json(cfg_path, data)

@@ -81,9 +81,19 @@ def _shared(config: dict[str, Any]) -> dict[str, Any]:
     return {**config, "experiment": exp}
 
 
-def _check_same_experiment(parts: Sequence[Part]) -> None:
-    first = parts[0]
+def _check_same_experiment(parts: Sequence[Part], mixed_versions: bool) -> list[str]:
+    """Refuse parts that are not one experiment; return notes on package versions that differ
+    (refused unless ``mixed_versions``: another tokenizers or transformers can change numbers)."""
+    from .provenance import version_differences
+
+    first, notes = parts[0], []
     for other in parts[1:]:
+        changed = version_differences(first.info.get("packages"), other.info.get("packages"))
+        if changed and not mixed_versions:
+            raise MergeError(f"{first.path} and {other.path} ran with other package versions ({', '.join(changed)}), "
+                             "which can change results; rerun one in the other's environment (scripts/bootstrap.sh "
+                             "installs constraints.txt), or pass --mixed-versions to merge them anyway (noted)")
+        notes += [f"package versions differ: {first.path} -> {other.path}: {', '.join(changed)}"] if changed else []
         diff = _differences(_shared(first.config), _shared(other.config))
         if diff:
             raise MergeError(f"{other.path} is another experiment than {first.path}: their configurations "
@@ -91,6 +101,7 @@ def _check_same_experiment(parts: Sequence[Part]) -> None:
         modes = first.info.get("mode", "sim"), other.info.get("mode", "sim")
         if modes[0] != modes[1]:
             raise MergeError(f"{first.path} ran --mode {modes[0]}, {other.path} --mode {modes[1]}")
+    return notes
 
 
 def _unfinished(part: Part, rounds: int) -> dict[tuple[str, int], str]:
@@ -120,7 +131,7 @@ def _ordered(values: list[Any]) -> list[Any]:
 
 
 def merge_results(parts: Sequence[Path], out: Path, *, unfinished: Unfinished = "refuse",
-                  argv: Sequence[str] | None = None) -> dict[str, Any]:
+                  mixed_versions: bool = False, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Write ``out`` (config.json, run-info.json, metrics.jsonl/.csv) as one experiment holding
     every run of ``parts``; return its run-info. The caller writes the report.
 
@@ -128,10 +139,11 @@ def merge_results(parts: Sequence[Path], out: Path, *, unfinished: Unfinished = 
         unfinished: what to do with a run that lacks rows: "refuse" it, "keep" it as it is (the
             report marks it partial), or "drop" it (one part then extracts the finished runs of
             an experiment still in progress). Kept and dropped runs are listed in the notes.
+        mixed_versions: accept parts whose recorded package versions differ (noted).
     Raises:
         MergeError: no parts, ``out`` not empty, configurations that differ beyond
-            methods/seeds/jobs, an unfinished run (when refused), or a run in two parts whose
-            rows differ.
+            methods/seeds/jobs or in package versions (unless ``mixed_versions``), an unfinished
+            run (when refused), or a run in two parts whose rows differ.
     """
     if not parts:
         raise MergeError("merge needs at least one results directory")
@@ -141,7 +153,7 @@ def merge_results(parts: Sequence[Path], out: Path, *, unfinished: Unfinished = 
     if out.exists() and any(out.iterdir()):
         raise MergeError(f"{out} is not empty; merge into a new directory")
     read = [_read_part(p) for p in parts]
-    _check_same_experiment(read)
+    version_notes = _check_same_experiment(read, mixed_versions)
     rounds = int(read[0].config.get("experiment", {}).get("rounds") or 0)
     lacking = {(part.path, key): why for part in read for key, why in _unfinished(part, rounds).items()}
     if lacking and unfinished == "refuse":
@@ -189,6 +201,7 @@ def merge_results(parts: Sequence[Path], out: Path, *, unfinished: Unfinished = 
     if len(commits) > 1:
         info["git"] = None  # no single commit produced these rows; each part's is under "parts"
     notes = [f"merged from {len(read)} results director{'y' if len(read) == 1 else 'ies'} with `knexa-lab merge`"]
+    notes += version_notes
     notes += [f"reproduced: {r}" for r in reproduced]
     notes += [f"{'left out' if unfinished == 'drop' else 'unfinished'}: {why}" for why in lacking.values()]
     info["notes"] = notes

@@ -11,7 +11,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PACKAGES", "git_commit", "package_versions", "run_info"]
+__all__ = ["PACKAGES", "git_commit", "package_versions", "run_info", "version_differences"]
 
 #: distributions whose versions change results
 PACKAGES: tuple[str, ...] = ("knexa", "torch", "transformers", "tokenizers", "peft", "numpy", "scipy", "libp2p",
@@ -26,6 +26,13 @@ def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str | None]
         except metadata.PackageNotFoundError:
             out[name] = None
     return out
+
+
+def version_differences(a: dict[str, Any] | None, b: dict[str, Any] | None) -> list[str]:
+    """``"name x -> y"`` for each package both records name with another version (a package one
+    of them did not record, e.g. from before it was recorded, is not a difference)."""
+    a, b = a or {}, b or {}
+    return [f"{k} {a[k]} -> {b[k]}" for k in sorted(set(a) & set(b)) if a[k] != b[k]]
 
 
 def git_commit(repo: Path | None = None) -> dict[str, Any] | None:

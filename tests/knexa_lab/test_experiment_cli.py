@@ -142,3 +142,26 @@ def test_an_experiment_saved_before_a_setting_existed_resumes_with_its_default(t
     (tmp_path / "config.json").write_text(json.dumps(saved))
     with pytest.raises(ExperimentError, match=r"differs in skills\.client_steps\)"):
         _open_results(tmp_path, cfg, "sim", None)
+
+
+def test_resuming_with_other_package_versions_warns_and_is_recorded(tmp_path, caplog):
+    from knexa_lab.experiment.config import config_to_dict, resolve_config
+    from knexa_lab.experiment.engine import _open_results
+    from knexa_lab.experiment.provenance import package_versions
+
+    cfg = resolve_config("tiny")
+    (tmp_path / "config.json").write_text(json.dumps(config_to_dict(cfg)))
+    started = {**package_versions(), "transformers": "0.0.1"}
+    (tmp_path / "run-info.json").write_text(json.dumps({"mode": "sim", "packages": started}))
+    with caplog.at_level("WARNING"):
+        _open_results(tmp_path, cfg, "sim", None)
+    assert "other package versions than it started with (transformers 0.0.1 -> " in caplog.text
+    info = json.loads((tmp_path / "run-info.json").read_text())
+    assert info["resumed_versions"] == [{"at": info["resumed"][0], "changed": [
+        f"transformers 0.0.1 -> {package_versions()['transformers']}"]}]
+
+    (tmp_path / "run-info.json").write_text(json.dumps({"mode": "sim", "packages": package_versions()}))
+    caplog.clear()
+    _open_results(tmp_path, cfg, "sim", None)  # same versions: nothing to say
+    assert "package versions" not in caplog.text
+    assert "resumed_versions" not in json.loads((tmp_path / "run-info.json").read_text())

@@ -148,3 +148,17 @@ def test_bad_invocations_fail_with_a_reason(parts, tmp_path, capsys):
     assert "not allowed with argument" in capsys.readouterr().err
     assert main(["merge", str(tmp_path / "o"), str(parts["seed1"]), str(tmp_path)]) == 2
     assert "not an experiment's results directory" in capsys.readouterr().err
+
+
+def test_parts_run_with_other_package_versions_are_refused_unless_mixed(parts, tmp_path):
+    from knexa_lab.experiment.merge import MergeError, merge_results
+
+    other = _copy(parts["seed2"], tmp_path / "other")
+    info = json.loads((other / "run-info.json").read_text())
+    info["packages"]["tokenizers"] = "0.0.1"
+    info["packages"]["newly-recorded"] = "1.0"  # recorded by one part only: not a difference
+    (other / "run-info.json").write_text(json.dumps(info))
+    with pytest.raises(MergeError, match=r"other package versions \(tokenizers .* -> 0\.0\.1\)"):
+        merge_results([parts["seed1"], other], tmp_path / "out")
+    merged = merge_results([parts["seed1"], other], tmp_path / "out", mixed_versions=True)
+    assert any(n.startswith("package versions differ: ") and "tokenizers" in n for n in merged["notes"])
