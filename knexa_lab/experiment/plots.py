@@ -61,6 +61,23 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
+
+
+def _method_cycle(ax: Axes, n: int, *, markers: bool = True) -> None:
+    """One colour per method (tab10 repeats after ten, so more methods take tab20) and, for
+    lines, a marker per method too: the default preset draws twelve."""
+    from cycler import cycler
+    from matplotlib import colormaps
+
+    n = max(n, 1)
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    cycle = cycler(color=[cmap(i % cmap.N) for i in range(n)])
+    if markers:
+        cycle += cycler(marker=[_MARKERS[i % len(_MARKERS)] for i in range(n)])
+    ax.set_prop_cycle(cycle)
+
+
 def _legend_name(r: MethodResult) -> str:
     return r.label + (" (partial)" if r.partial else "")
 
@@ -81,7 +98,7 @@ def _line_with_band(ax: Axes, x: list[int], mean: list[float], half: list[float 
     """A mean line and its interval band, the band clipped to ``bounds`` (a fraction cannot
     leave [0, 1] however wide the t interval of two seeds is)."""
     y = np.asarray(mean) * scale
-    (line,) = ax.plot(x, y, marker="o", label=name)
+    (line,) = ax.plot(x, y, label=name)
     h = np.asarray([np.nan if v is None else v * scale for v in half], dtype=float)
     if np.isfinite(h).any():
         lo, hi = y - h, y + h
@@ -93,6 +110,7 @@ def _line_with_band(ax: Axes, x: list[int], mean: list[float], half: list[float 
 def pass_at_1_vs_round(exp: Experiment, results: Sequence[MethodResult], path: Path) -> Path | None:
     fig = _figure((8, 5))
     ax = fig.subplots()
+    _method_cycle(ax, len(results))
     drawn = False
     for r in results:
         curves = tables.per_seed_curves(exp, r.name, "pass_at_1")
@@ -121,6 +139,7 @@ def final_per_client(exp: Experiment, results: Sequence[MethodResult], path: Pat
     width = 0.8 / len(shown)
     for ax, key, ylabel, scale in ((axes[0], "pass_at_1", "Pass@1 (%)", 100.0),
                                    (axes[1], "codebleu", "CodeBLEU", 1.0)):
+        _method_cycle(ax, len(shown), markers=False)
         for j, r in enumerate(shown):
             cis = [r.per_client.get(c, {}).get(key) for c in clients]
             y = np.asarray([np.nan if ci is None or ci.mean is None else ci.mean * scale for ci in cis])
@@ -163,6 +182,7 @@ def match_heatmap(exp: Experiment, method: str, path: Path) -> Path | None:
 def cumulative_reward(exp: Experiment, results: Sequence[MethodResult], path: Path) -> Path | None:
     fig = _figure((8, 5))
     ax = fig.subplots()
+    _method_cycle(ax, len(results))
     drawn = False
     for r in results:
         if r.cis["reward"].mean is None:

@@ -306,3 +306,18 @@ def test_an_empty_run_still_reports(tmp_path):
     assert table_rows(text) == {} and "`knexa-fl`): no rows yet" in text
     with pytest.raises(FileNotFoundError):
         write_report(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("n", [4, 12, 17])
+def test_every_method_gets_its_own_colour_and_marker(n):
+    """tab10 repeats after ten colours; the default skills preset draws twelve methods."""
+    from matplotlib.figure import Figure
+
+    from knexa_lab.experiment.plots import _method_cycle
+
+    ax = Figure().subplots()
+    _method_cycle(ax, n)
+    lines = [ax.plot([0, 1], [i, i])[0] for i in range(n)]
+    styles = {(tuple(line.get_color()), line.get_marker()) for line in lines}
+    assert len(styles) == n
+    assert len({tuple(line.get_color()) for line in lines}) == n
