@@ -140,12 +140,17 @@ def test_logit_distillation_moves_the_student_towards_the_target(same_vocab) -> 
 
     before, step0 = kl(), student.trainer.step
     fp = student.adapter_fingerprint()
+    budget0 = student.trainer.budget.as_dict()
     for r in range(4):
         report = distill_logits(student.trainer, list(zip(examples, targets, strict=True)), [], 1.0,
                                 temperature, r, vocab_size=vocab)
         assert report.steps == 1 and math.isfinite(report.mean_loss)
     assert student.trainer.step == step0 + 4 and student.adapter_fingerprint() != fp
     assert kl() < before
+    # the steps are in the budget table4 shows: KD steps, no local data (none was given), tokens
+    spent = {k: v - budget0[k] for k, v in student.trainer.budget.as_dict().items()}
+    assert spent == {"kd_steps": 4, "local_steps": 0, "tokens_trained": 4 * sum(len(e.input_ids) for e in examples),
+                     "tokens_generated": 0}
 
 
 def teacher_dists_logits(backend, example, vocab: int) -> torch.Tensor:  # noqa: ANN001
