@@ -193,8 +193,9 @@ def merge_results(parts: Sequence[Path], out: Path, *, unfinished: Unfinished = 
         "parts": [{
             "directory": str(part.path),
             "runs": {m: sorted(s for (mm, s) in part.runs if mm == m) for m in _ordered([m for m, _ in part.runs])},
+            # a part that is itself a merge keeps its own parts: provenance nests, nothing is lost
             **{k: part.info[k] for k in ("command", "started", "git", "resumed", "resumed_git", "packages", "machine",
-                                          "notes") if k in part.info},
+                                          "notes", "merged", "parts") if k in part.info},
         } for part in read],
     })
     commits = _ordered([(p.info.get("git") or {}).get("commit") for p in read])

@@ -162,3 +162,17 @@ def test_parts_run_with_other_package_versions_are_refused_unless_mixed(parts, t
         merge_results([parts["seed1"], other], tmp_path / "out")
     merged = merge_results([parts["seed1"], other], tmp_path / "out", mixed_versions=True)
     assert any(n.startswith("package versions differ: ") and "tokenizers" in n for n in merged["notes"])
+
+
+def test_a_merged_directory_merges_again_and_keeps_its_provenance(parts, tmp_path):
+    """Seeds finished in one session are merged and committed; the next session's seeds join them."""
+    from knexa_lab.experiment.merge import merge_results
+
+    first = tmp_path / "first"
+    merge_results([parts["seed1"]], first, argv=["knexa-lab", "merge", "first"])
+    merge_results([first, parts["seed2"]], tmp_path / "all")
+    assert _comparable(read_rows(tmp_path / "all")) == _comparable(read_rows(parts["whole"]))
+    info = json.loads((tmp_path / "all" / "run-info.json").read_text())
+    assert info["parts"][0]["command"] == "knexa-lab merge first"
+    assert info["parts"][0]["parts"][0]["command"] == "knexa-lab experiment seed1"
+    assert info["parts"][1]["command"] == "knexa-lab experiment seed2"
