@@ -11,6 +11,7 @@ The merged ``run-info.json`` keeps each part's provenance (command, commits, res
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections import defaultdict
@@ -47,14 +48,8 @@ class Part:
     path: Path
     config: dict[str, Any]
     info: dict[str, Any]
-    rows: list[dict[str, Any]]
-
-    @property
-    def runs(self) -> dict[tuple[str, int], list[dict[str, Any]]]:
-        out: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
-        for r in self.rows:
-            out[(r["method"], int(r["seed"]))].append(r)
-        return dict(out)
+    #: rows by (method, seed), in file order (round by round, as the engine appends them)
+    runs: dict[tuple[str, int], list[dict[str, Any]]]
 
 
 def _read_part(path: Path) -> Part:
@@ -72,7 +67,10 @@ def _read_part(path: Path) -> Part:
     bad = [r for r in rows if not isinstance(r, dict) or not {"method", "seed", "round", "client"} <= r.keys()]
     if bad:
         raise MergeError(f"{path}/{METRICS_JSONL}: {len(bad)} rows without method/seed/round/client")
-    return Part(path, config, info, rows)
+    runs: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        runs[(r["method"], int(r["seed"]))].append(r)
+    return Part(path, config, info, dict(runs))
 
 
 def _shared(config: dict[str, Any]) -> dict[str, Any]:
@@ -123,13 +121,6 @@ def _comparable(rows: list[dict[str, Any]]) -> dict[tuple[Any, ...], dict[str, A
     return {(r["round"], r["client"]): {k: v for k, v in r.items() if k not in _VOLATILE} for r in rows}
 
 
-def _ordered(values: list[Any]) -> list[Any]:
-    seen: dict[Any, None] = {}
-    for v in values:
-        seen.setdefault(v, None)
-    return list(seen)
-
-
 def merge_results(parts: Sequence[Path], out: Path, *, unfinished: Unfinished = "refuse",
                   mixed_versions: bool = False, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Write ``out`` (config.json, run-info.json, metrics.jsonl/.csv) as one experiment holding
@@ -176,12 +167,12 @@ def merge_results(parts: Sequence[Path], out: Path, *, unfinished: Unfinished = 
                                  "rows: the same run must give the same rows; keep one of them")
             reproduced.append(f"{key[0]} seed {key[1]} ({source[key]} and {part.path}: same rows)")
 
-    methods = _ordered([m for part in read for m in part.config["experiment"].get("methods", [])]
-                       + [m for m, _ in runs])
-    seeds = sorted({int(s) for part in read for s in part.config["experiment"].get("seeds", [])} | {s for _, s in runs})
-    config = json.loads(json.dumps(read[0].config))
     if not runs:
         raise MergeError("no finished run to merge")
+    methods = dict.fromkeys([m for part in read for m in part.config["experiment"].get("methods", [])]
+                            + [m for m, _ in runs])
+    seeds = sorted({int(s) for part in read for s in part.config["experiment"].get("seeds", [])} | {s for _, s in runs})
+    config = copy.deepcopy(read[0].config)
     config["experiment"]["methods"] = [m for m in methods if any(k[0] == m for k in runs)]
     config["experiment"]["seeds"] = [s for s in seeds if any(k[1] == s for k in runs)]
 
@@ -192,13 +183,13 @@ def merge_results(parts: Sequence[Path], out: Path, *, unfinished: Unfinished = 
         "merged": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "parts": [{
             "directory": str(part.path),
-            "runs": {m: sorted(s for (mm, s) in part.runs if mm == m) for m in _ordered([m for m, _ in part.runs])},
+            "runs": {m: sorted(s for (mm, s) in part.runs if mm == m) for m in dict.fromkeys(m for m, _ in part.runs)},
             # a part that is itself a merge keeps its own parts: provenance nests, nothing is lost
             **{k: part.info[k] for k in ("command", "started", "git", "resumed", "resumed_git", "packages", "machine",
                                           "notes", "merged", "parts") if k in part.info},
         } for part in read],
     })
-    commits = _ordered([(p.info.get("git") or {}).get("commit") for p in read])
+    commits = set((p.info.get("git") or {}).get("commit") for p in read)
     if len(commits) > 1:
         info["git"] = None  # no single commit produced these rows; each part's is under "parts"
     notes = [f"merged from {len(read)} results director{'y' if len(read) == 1 else 'ies'} with `knexa-lab merge`"]
@@ -210,8 +201,7 @@ def merge_results(parts: Sequence[Path], out: Path, *, unfinished: Unfinished = 
     out.mkdir(parents=True, exist_ok=True)
     key_order = {m: i for i, m in enumerate(config["experiment"]["methods"])}
     ordered_keys = sorted(runs, key=lambda k: (k[1], key_order[k[0]]))
-    append_rows(out / METRICS_JSONL, [r for k in ordered_keys for r in sorted(
-        runs[k], key=lambda r: (int(r["round"]), len(str(r["client"])), str(r["client"])))])
+    append_rows(out / METRICS_JSONL, [r for k in ordered_keys for r in runs[k]])
     write_csv(out / METRICS_JSONL, out / METRICS_CSV)
     atomic_write_json(out / CONFIG_FILE, config)
     atomic_write_json(out / RUN_INFO_FILE, info)
