@@ -64,12 +64,14 @@ def _read_part(path: Path) -> Part:
     except json.JSONDecodeError as exc:
         raise MergeError(f"{path}: unreadable config.json or run-info.json ({exc})") from exc
     rows = read_rows(path / METRICS_JSONL)
-    bad = [r for r in rows if not isinstance(r, dict) or not {"method", "seed", "round", "client"} <= r.keys()]
+    bad = [r for r in rows if not isinstance(r, dict) or not {"method", "seed", "round", "client"} <= r.keys()
+           or not all(isinstance(r[k], int) and not isinstance(r[k], bool) for k in ("seed", "round"))]
     if bad:
-        raise MergeError(f"{path}/{METRICS_JSONL}: {len(bad)} rows without method/seed/round/client")
+        raise MergeError(f"{path}/{METRICS_JSONL}: {len(bad)} rows without method/seed/round/client "
+                         "or with a seed or round that is not an integer")
     runs: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
-        runs[(r["method"], int(r["seed"]))].append(r)
+        runs[(r["method"], r["seed"])].append(r)
     return Part(path, config, info, dict(runs))
 
 
@@ -108,7 +110,7 @@ def _unfinished(part: Part, rounds: int) -> dict[tuple[str, int], str]:
     for (method, seed), rows in sorted(part.runs.items()):
         by_round: dict[int, set[str]] = defaultdict(set)
         for r in rows:
-            by_round[int(r["round"])].add(str(r["client"]))
+            by_round[r["round"]].add(str(r["client"]))
         clients = by_round.get(1, set())
         missing = [r for r in range(1, rounds + 1) if by_round.get(r) != clients or not clients]
         if missing:

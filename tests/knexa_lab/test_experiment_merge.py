@@ -148,6 +148,12 @@ def test_bad_invocations_fail_with_a_reason(parts, tmp_path, capsys):
     assert "not allowed with argument" in capsys.readouterr().err
     assert main(["merge", str(tmp_path / "o"), str(parts["seed1"]), str(tmp_path)]) == 2
     assert "not an experiment's results directory" in capsys.readouterr().err
+    for garbage in ('{"method": "local-only", "seed": "1", "round": 1, "client": "client-0"}\n', "[1, 2]\n"):
+        torn = _copy(parts["seed2"], tmp_path / f"garbage-{len(garbage)}")
+        with open(torn / "metrics.jsonl", "a") as fh:
+            fh.write(garbage)
+        assert main(["merge", str(tmp_path / f"o-{len(garbage)}"), str(parts["seed1"]), str(torn)]) == 2
+        assert "rows without method/seed/round/client or with a seed or round" in capsys.readouterr().err
 
 
 def test_parts_run_with_other_package_versions_are_refused_unless_mixed(parts, tmp_path):
