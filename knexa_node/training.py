@@ -82,6 +82,12 @@ class Budget:
     tokens_trained: int = 0
     tokens_generated: int = 0
 
+    def count_step(self, *, kd: bool, local: bool) -> None:
+        """Count one optimizer step: every trainer (Eq. 2, logit KD, local epochs) goes through
+        this one rule, so table4's budget columns mean the same thing for every method."""
+        self.kd_steps += int(kd)
+        self.local_steps += int(local)
+
     def as_dict(self) -> dict[str, int]:
         return {"local_steps": self.local_steps, "kd_steps": self.kd_steps,
                 "tokens_trained": self.tokens_trained, "tokens_generated": self.tokens_generated}
@@ -257,7 +263,7 @@ class Trainer:
         losses = []
         for batch in tqdm(batches, desc=f"local r{round_idx}", disable=not self.settings.progress, leave=False):
             losses.append(self._step([(1.0, batch)], self.settings.lr)[0])
-            self.budget.local_steps += 1
+            self.budget.count_step(kd=False, local=True)
         report = TrainReport(steps=len(batches), examples=len(examples),
                              mean_loss=float(np.mean(losses)) if losses else float("nan"),
                              seconds=time.perf_counter() - t0)
@@ -299,9 +305,7 @@ class Trainer:
             losses.append(a_kd * kd_ce + (1.0 - a_kd) * local_ce if kd_batch else (1.0 - a_kd) * local_ce)
             if kd_batch:
                 kd_losses.append(kd_ce)
-                self.budget.kd_steps += 1
-            if local_batch:
-                self.budget.local_steps += 1
+            self.budget.count_step(kd=bool(kd_batch), local=bool(local_batch))
         report = TrainReport(steps=steps, examples=len(kd),
                              mean_loss=float(np.mean(losses)) if losses else float("nan"),
                              seconds=time.perf_counter() - t0)

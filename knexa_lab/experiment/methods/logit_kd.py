@@ -317,10 +317,8 @@ def distill_logits(trainer: Trainer, kd: Sequence[tuple[Example, TokenDist]], lo
             trainer.optimizer.zero_grad(set_to_none=True)
             trainer.step += 1
             steps += 1
-            # the round's budget, counted like Trainer.kd_phase: a step with local data is a local
-            # step, one with the ensemble's targets a KD step (table4's columns; was uncounted)
-            trainer.budget.kd_steps += 1 if kd_total else 0
-            trainer.budget.local_steps += 1 if local_batch else 0
+            # a step with local data is a local step, one with the ensemble's targets a KD step
+            trainer.budget.count_step(kd=bool(kd_total), local=bool(local_batch))
             trainer.budget.tokens_trained += sum(len(e.input_ids) for e, _ in batch) + sum(
                 len(e.input_ids) for e in local_batch)
             losses.append(a_kd * temperature ** 2 * kl + (1.0 - a_kd) * ce)
