@@ -63,6 +63,9 @@ def _read_part(path: Path) -> Part:
         info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
     except json.JSONDecodeError as exc:
         raise MergeError(f"{path}: unreadable config.json or run-info.json ({exc})") from exc
+    seeds = config.get("experiment", {}).get("seeds", [])
+    if not isinstance(seeds, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds):
+        raise MergeError(f"{path}/{CONFIG_FILE}: experiment.seeds must be a list of integers, not {seeds!r}")
     rows = read_rows(path / METRICS_JSONL)
     bad = [r for r in rows if not isinstance(r, dict) or not {"method", "seed", "round", "client"} <= r.keys()
            or not all(isinstance(r[k], int) and not isinstance(r[k], bool) for k in ("seed", "round"))]
@@ -173,7 +176,7 @@ def merge_results(parts: Sequence[Path], out: Path, *, unfinished: Unfinished = 
         raise MergeError("no finished run to merge")
     methods = dict.fromkeys([m for part in read for m in part.config["experiment"].get("methods", [])]
                             + [m for m, _ in runs])
-    seeds = sorted({int(s) for part in read for s in part.config["experiment"].get("seeds", [])} | {s for _, s in runs})
+    seeds = sorted({s for part in read for s in part.config["experiment"].get("seeds", [])} | {s for _, s in runs})
     config = copy.deepcopy(read[0].config)
     config["experiment"]["methods"] = [m for m in methods if any(k[0] == m for k in runs)]
     config["experiment"]["seeds"] = [s for s in seeds if any(k[1] == s for k in runs)]

@@ -154,6 +154,12 @@ def test_bad_invocations_fail_with_a_reason(parts, tmp_path, capsys):
             fh.write(garbage)
         assert main(["merge", str(tmp_path / f"o-{len(garbage)}"), str(parts["seed1"]), str(torn)]) == 2
         assert "rows without method/seed/round/client or with a seed or round" in capsys.readouterr().err
+    odd = _copy(parts["seed2"], tmp_path / "odd-config")
+    config = json.loads((odd / "config.json").read_text())
+    config["experiment"]["seeds"] = ["two"]
+    (odd / "config.json").write_text(json.dumps(config))
+    assert main(["merge", str(tmp_path / "o-odd"), str(parts["seed1"]), str(odd)]) == 2
+    assert "experiment.seeds must be a list of integers" in capsys.readouterr().err
 
 
 def test_parts_run_with_other_package_versions_are_refused_unless_mixed(parts, tmp_path):
